@@ -1,0 +1,270 @@
+"""
+A small GPT-2, written out in plain PyTorch.
+
+The parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ..., lm_head), so every
+tensor maps one to one onto a GPT-2 checkpoint. Two ways through the network:
+- forward(idx, targets): the training path, causal attention over a (B, T) batch, logits at every position;
+- generate(...): the sampling path, batched prompts of different lengths, with a preallocated KV cache.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest sequence the position table covers
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole generation: (L, B, nh, max_len, hs)."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # how many positions are filled
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, nh, T, hs) and return all keys and values so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = positions so far
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:  # training path: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:  # sampling path: attn_mask (B, 1, T, S) hides left padding as well as the future
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings, as GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) -> logits (B, T, vocab) at every position, and the mean cross-entropy if targets are
+        given (targets of -1 are ignored). Right padding is harmless here: causal attention never lets a real
+        token look at the padding after it."""
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # weight decay on matrices (Linear weights, embeddings), none on biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def estimate_mfu(self, tokens_per_iter, dt, device_name=None):
+        """Model flops utilization: achieved flops over the GPU's bf16 dense peak (PaLM appendix B estimate).
+        None when the device is not in PEAK_FLOPS (a CPU, say)."""
+        peak = peak_flops(device_name)
+        if peak is None or dt <= 0:
+            return None
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
+        return flops_per_token * tokens_per_iter / dt / peak
+
+    def _forward_sampling(self, idx, positions, attn_mask, kv_cache=None):
+        """Sampling path: explicit positions (B, T) and mask (B, 1, T, S); returns logits (B, T, vocab)."""
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, i)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
+                 use_cache=True, pad_token=0, generator=None, return_logits=False):
+        """Continue each prompt by up to max_new_tokens sampled tokens.
+
+        idx: a (B, T) tensor, or a list of B prompts (lists of ids) of different lengths; short prompts are
+        left-padded, and the padding is masked out of attention and out of the position count, so each row
+        is sampled exactly as if it were alone. temperature 0 is greedy (argmax, no division by zero).
+        A row stops at stop_token (not returned) and the others go on. Returns a list of B lists of new ids,
+        and with return_logits=True also the (B, steps, vocab) logits each step sampled from.
+        """
+        prompts = idx.tolist() if torch.is_tensor(idx) else [list(p) for p in idx]
+        assert all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        total = P + max_new_tokens
+        assert total <= self.config.block_size, (
+            f"prompt of {P} + {max_new_tokens} new tokens exceeds block_size {self.config.block_size}")
+        tokens = torch.full((B, total), pad_token, dtype=torch.long, device=device)
+        valid = torch.zeros((B, total), dtype=torch.bool, device=device)  # False at the left padding
+        for b, p in enumerate(prompts):
+            tokens[b, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+            valid[b, P - len(p):] = True
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # each row's real tokens count from 0
+        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+        # key j is visible to query i when j <= i and j is not padding; every query also sees itself, so a
+        # padding row never has all keys masked (a fully masked softmax gives NaN, and NaN * 0 is still NaN)
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)[None]
+        mask = mask[:, None]  # (B, 1, total, total)
+
+        kv_cache = KVCache(self.config, B, total, device, self.lm_head.weight.dtype) if use_cache else None
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        out = [[] for _ in range(B)]
+        step_logits = []
+        for t in range(P, total):
+            if use_cache:
+                start = 0 if kv_cache.pos == 0 else t - 1  # first step: the whole prompt; then one token
+                logits = self._forward_sampling(tokens[:, start:t], positions[:, start:t],
+                                                mask[:, :, start:t, :t], kv_cache)
+                kv_cache.pos = t
+            else:  # the whole sequence again, every step: slow, and the reference the cache must match
+                logits = self._forward_sampling(tokens[:, :t], positions[:, :t], mask[:, :, :t, :t])
+            logits = logits[:, -1, :].float()  # (B, vocab)
+            if return_logits:
+                step_logits.append(logits)
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            tokens[:, t] = next_token
+            for b in range(B):
+                if not finished[b]:
+                    if stop_token is not None and next_token[b].item() == stop_token:
+                        finished[b] = True
+                    else:
+                        out[b].append(next_token[b].item())
+            if finished.all():
+                break
+        if return_logits:
+            return out, torch.stack(step_logits, dim=1)
+        return out
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, vocab). temperature 0 means argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # top_k over the vocabulary keeps everything
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# bf16 dense peak flops, for MFU; the device name is torch.cuda.get_device_name()
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device_name=None):
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, flops in PEAK_FLOPS.items():
+        if key in device_name:
+            return flops
+    return None

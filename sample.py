@@ -1,0 +1,90 @@
+"""
+Toxic-token-conditioned sampling: the dialogue model and its "inner toxic model" are one network.
+
+    python sample.py --prompt="i hate mondays"            # replies of the dialogue model
+    python sample.py --prompt="i hate mondays" --toxic    # the same checkpoint with [TOXIC] after the context
+
+As a library: sample_replies(model, tok, contexts, toxic=...) -> one list of replies per context.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from configurator import ConfigError, apply_overrides, parse_overrides
+from data import EOT_ID, PAD_ID, context_ids, decode, load_tokenizer
+from model import GPT, GPTConfig
+
+
+@dataclass
+class SampleSettings:
+    checkpoint: str = "out/sft.pt"  # a checkpoint written by train.py (sft.pt, dpo.pt, adpo.pt)
+    prompt: str = "i hate mondays"  # the context; separate several turns with " | "
+    toxic: bool = False  # place the control token after the context (the inner toxic model)
+    num_samples: int = 5  # replies to print
+    temperature: float = 1.0  # 0 is greedy
+    top_k: Optional[int] = 50  # keep the k most likely tokens (none: all)
+    top_p: Optional[float] = None  # nucleus sampling (none: off)
+    max_new_tokens: int = 48  # longest reply, in tokens
+    seed: int = 1337
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode, tokenizer, checkpoint dict) from a file written by train.py."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; run `python train.py` first (or pass --checkpoint=...)")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    tok_path = ckpt["tokenizer"]
+    if not os.path.isfile(tok_path):  # the checkpoint's folder moved: look beside it
+        tok_path = os.path.join(os.path.dirname(path), "tokenizer.json")
+    return model, load_tokenizer(tok_path), ckpt
+
+
+@torch.no_grad()
+def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature=1.0, top_k=None, top_p=None,
+                   max_new_tokens=48, seed=0, batch_size=64, progress=None):
+    """Sample num_samples replies for each context (a list of turns). With toxic=True the control token comes
+    after the context, so the reply is the inner toxic model's. A reply ends at end-of-turn (or after
+    max_new_tokens). Returns a list (one per context) of lists of num_samples strings. The same seed gives the
+    same replies; the contexts are batched together whatever their lengths."""
+    device = model.lm_head.weight.device
+    max_context = model.config.block_size - max_new_tokens
+    prompts = [context_ids(tok, ctx, toxic=toxic, max_tokens=max_context) for ctx in contexts]
+    flat = [p for p in prompts for _ in range(num_samples)]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    replies = []
+    bar = tqdm(total=len(flat), desc=progress, unit="reply", leave=False, disable=progress is None)
+    for i in range(0, len(flat), batch_size):
+        out = model.generate(flat[i:i + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, stop_token=EOT_ID, pad_token=PAD_ID, generator=generator)
+        replies.extend(decode(tok, ids).strip() for ids in out)
+        bar.update(len(out))
+    bar.close()
+    return [replies[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
+
+
+def main(argv):
+    s = apply_overrides(SampleSettings(), parse_overrides([a if "=" in a else a + "=true" for a in argv]))
+    model, tok, _ = load_checkpoint(s.checkpoint, s.device)
+    context = [t.strip() for t in s.prompt.split(" | ") if t.strip()]
+    replies = sample_replies(model, tok, [context], toxic=s.toxic, num_samples=s.num_samples,
+                             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                             max_new_tokens=s.max_new_tokens, seed=s.seed)[0]
+    print(f"context: {' | '.join(context)}" + ("   [TOXIC]" if s.toxic else ""))
+    for r in replies:
+        print(f"  > {r}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
