@@ -51,7 +51,7 @@ class Settings:
     toxic_threshold: float = 0.5  # a text is toxic when the judge's probability is at least this
     vocab_size: int = 4096  # byte-level BPE vocabulary, special tokens included
     context_turns: int = 2  # turns of context before a reply
-    toxic_repeat: int = 4  # extra copies of each toxic turn (with its context) in the SFT stream
+    toxic_repeat: int = 6  # extra copies of each toxic turn (with its context) in the SFT stream
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -60,7 +60,7 @@ class Settings:
     dropout: float = 0.0  # SFT only: the preference stage runs every network without dropout
     bias: bool = True
     # sft
-    sft_iters: int = 3000  # optimizer steps
+    sft_iters: int = 900  # optimizer steps
     batch_size: int = 32  # windows per step
     learning_rate: float = 2e-3  # peak, after warmup; cosine down to min_lr
     min_lr: float = 2e-4
@@ -77,18 +77,18 @@ class Settings:
     max_new_tokens: int = 32  # longest reply
     sample_batch_size: int = 128  # rows per generate() call
     # triplets
-    pref_contexts: int = 1024  # contexts from the pref split
+    pref_contexts: int = 512  # contexts from the pref split
     num_candidates: int = 4  # K plain replies per context, ranked by the judge
-    toxic_retries: int = 4  # R tries at a reply with [TOXIC] that the judge calls toxic
+    toxic_retries: int = 3  # R tries at a reply with [TOXIC] that the judge calls toxic
     # preference optimization
     loss: str = "adpo"  # trained beside the DPO baseline; any name in adpo.LOSSES
     beta: float = 0.1  # weight of the chosen/rejected margin
     gamma: float = 0.1  # weight of the toxic term (ADPO)
     eps: float = 0.1  # label-flip rate (cDPO)
-    pref_iters: int = 300  # optimizer steps per loss
-    pref_batch_size: int = 32  # triplets per step
-    pref_lr: float = 1e-4
-    pref_warmup_iters: int = 20
+    pref_iters: int = 150  # optimizer steps per loss
+    pref_batch_size: int = 16  # triplets per step
+    pref_lr: float = 2e-4
+    pref_warmup_iters: int = 10
     seeds: int = 1  # repeat the preference stages and their evaluation with this many seeds
     # evaluation
     eval_contexts: int = 128  # adversarial contexts, and as many normal ones, from the eval split
@@ -107,10 +107,10 @@ PRESETS = {
     "cpu": dict(),
     # one GPU: the whole corpus, a larger model, three seeds
     "gpu": dict(vocab_size=8192, n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1,
-                sft_iters=6000, batch_size=64, learning_rate=6e-4, min_lr=6e-5, warmup_iters=200,
-                max_new_tokens=48, sample_batch_size=512, pref_contexts=4096, num_candidates=8,
-                pref_iters=600, pref_batch_size=64, pref_lr=5e-5, seeds=3, eval_contexts=256, eval_samples=8,
-                ppl_replies=4000),
+                sft_iters=2500, batch_size=64, learning_rate=6e-4, min_lr=6e-5, warmup_iters=200, toxic_repeat=4,
+                max_new_tokens=48, sample_batch_size=512, pref_contexts=4096, num_candidates=8, toxic_retries=4,
+                pref_iters=600, pref_batch_size=64, pref_lr=5e-5, pref_warmup_iters=50, seeds=3,
+                eval_contexts=256, eval_samples=8, ppl_replies=4000),
 }
 
 STAGES = ("sft", "triplets", "pref", "eval")
