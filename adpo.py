@@ -117,8 +117,9 @@ def call_loss(name, available):
 
 
 def preference_metrics(policy_chosen_logps, policy_rejected_logps, policy_toxic_logps, ref_chosen_logps,
-                       ref_rejected_logps, toxic_model_toxic_logps, beta=0.1, gamma=0.1):
-    """The numbers DPO practitioners read (TRL's names), plus the toxic reply's. All detached floats."""
+                       ref_rejected_logps, toxic_model_toxic_logps, ref_toxic_logps=None, beta=0.1, gamma=0.1):
+    """The numbers DPO practitioners read (TRL's names), plus the toxic reply's. All detached floats.
+    logratio/*: log pi(y|x) - log ref(y|x) for each reply, the SFT model without the token as baseline."""
     with torch.no_grad():
         rewards_chosen = beta * (policy_chosen_logps - ref_chosen_logps)
         rewards_rejected = beta * (policy_rejected_logps - ref_rejected_logps)
@@ -133,5 +134,9 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps, policy_toxic_
         if policy_toxic_logps is not None:
             metrics["rewards/toxic"] = (gamma * (policy_toxic_logps - toxic_model_toxic_logps)).mean().item()
             metrics["logps/toxic"] = policy_toxic_logps.mean().item()
+        metrics["logratio/chosen"] = (policy_chosen_logps - ref_chosen_logps).mean().item()
+        metrics["logratio/rejected"] = (policy_rejected_logps - ref_rejected_logps).mean().item()
+        if policy_toxic_logps is not None and ref_toxic_logps is not None:
+            metrics["logratio/toxic"] = (policy_toxic_logps - ref_toxic_logps).mean().item()
     return metrics
 

@@ -15,11 +15,13 @@ class ConfigError(ValueError):
 
 
 def _convert(key, text, default, annotation):
-    kind = type(default) if default is not None else annotation
+    kind = annotation
     if typing.get_origin(kind) is typing.Union:  # Optional[int]: "none" or an int
         if text.lower() == "none":
             return None
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    elif default is not None:
+        kind = type(default)
     try:
         if kind is bool:
             if text.lower() in ("true", "1", "yes"):

@@ -16,6 +16,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -264,14 +265,21 @@ def response_ids(tok, reply, max_tokens=None):
     return ids + [EOT_ID]
 
 
+class Example(NamedTuple):
+    context: list  # the context_turns turns before the reply
+    reply: str  # the human reply
+    reply_toxic: bool
+    last_turn_toxic: bool  # the context's last turn
+
+
 def contexts_and_replies(conversations, split, context_turns):
-    """Every (context, reply, reply_is_toxic) of a split: the context is the context_turns turns before the reply."""
+    """Every (context, human reply) of a split, as Examples."""
     examples = []
     for c in conversations:
         if c.split != split:
             continue
         for i in range(1, len(c.turns)):
-            examples.append((c.turns[max(0, i - context_turns):i], c.turns[i], c.toxic[i], c.toxic[i - 1]))
+            examples.append(Example(c.turns[max(0, i - context_turns):i], c.turns[i], c.toxic[i], c.toxic[i - 1]))
     return examples
 
 

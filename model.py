@@ -208,7 +208,7 @@ class GPT(nn.Module):
         mask = mask[:, None]  # (B, 1, total, total)
 
         kv_cache = KVCache(self.config, B, total, device, self.lm_head.weight.dtype) if use_cache else None
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        finished = [False] * B
         out = [[] for _ in range(B)]
         step_logits = []
         for t in range(P, total):
@@ -224,13 +224,13 @@ class GPT(nn.Module):
                 step_logits.append(logits)
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             tokens[:, t] = next_token
-            for b in range(B):
+            for b, token in enumerate(next_token.tolist()):  # one transfer per step, not one per row
                 if not finished[b]:
-                    if stop_token is not None and next_token[b].item() == stop_token:
+                    if token == stop_token:
                         finished[b] = True
                     else:
-                        out[b].append(next_token[b].item())
-            if finished.all():
+                        out[b].append(token)
+            if all(finished):
                 break
         if return_logits:
             return out, torch.stack(step_logits, dim=1)

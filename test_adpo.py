@@ -354,7 +354,10 @@ def test_metrics_names_and_strict_accuracy():
     m = adpo.preference_metrics(logps(-1.0, 0.0), eq, eq, eq, eq, eq, beta=0.1, gamma=0.1)
     assert m["rewards/accuracies"] == 0.5  # a tie is not a win
     assert set(m) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                      "rewards/toxic", "logps/chosen", "logps/rejected", "logps/toxic"}
+                      "rewards/toxic", "logps/chosen", "logps/rejected", "logps/toxic",
+                      "logratio/chosen", "logratio/rejected"}
+    m = adpo.preference_metrics(eq, eq, logps(-3.0, -5.0), eq, eq, eq, ref_toxic_logps=eq, beta=0.1, gamma=0.1)
+    assert m["logratio/toxic"] == pytest.approx(-3.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,9 +429,10 @@ def test_evasion_and_distinct2_on_known_strings():
 
 
 def test_loss_spikes_and_stability():
-    metrics = [{"loss": 0.7, "grad_norm": 1.0, "rewards/chosen": -0.1 * i} for i in range(10)]
+    metrics = [{"loss": 0.7, "grad_norm": 1.0 + i, "logratio/chosen": -1.0 * i} for i in range(10)]
     metrics[7]["loss"] = 5.0
-    stats = train.stability(metrics, beta=0.1)
+    stats = train.stability(metrics)
+    assert stats["max_grad_norm"] == 10.0
     assert stats["loss_spikes"] == 1
     assert stats["chosen_logp_max_drop"] == pytest.approx(9.0)
 

@@ -72,8 +72,8 @@ class Settings:
     eval_interval: int = 500  # validation loss on the eval split every this many steps
     eval_iters: int = 20  # batches per validation loss
     # sampling (triplets and evaluation)
-    temperature: float = 1.0  # 1.0 and no top_k: plain ancestral sampling, so the KL estimate is unbiased
-    top_k: Optional[int] = None
+    temperature: float = 1.0
+    top_k: Optional[int] = 50  # sample among the 50 likeliest tokens (none: all; then kl_from_sft is unbiased)
     max_new_tokens: int = 32  # longest reply
     sample_batch_size: int = 128  # rows per generate() call
     # triplets
@@ -85,9 +85,9 @@ class Settings:
     beta: float = 0.1  # weight of the chosen/rejected margin
     gamma: float = 0.1  # weight of the toxic term (ADPO)
     eps: float = 0.1  # label-flip rate (cDPO)
-    pref_iters: int = 150  # optimizer steps per loss
+    pref_iters: int = 64  # optimizer steps per loss (about 2 epochs of the cpu preset's triplets)
     pref_batch_size: int = 16  # triplets per step
-    pref_lr: float = 2e-4
+    pref_lr: float = 5e-5
     pref_warmup_iters: int = 10
     seeds: int = 1  # repeat the preference stages and their evaluation with this many seeds
     # evaluation
@@ -109,7 +109,7 @@ PRESETS = {
     "gpu": dict(vocab_size=8192, n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1,
                 sft_iters=2500, batch_size=64, learning_rate=6e-4, min_lr=6e-5, warmup_iters=200, toxic_repeat=4,
                 max_new_tokens=48, sample_batch_size=512, pref_contexts=4096, num_candidates=8, toxic_retries=4,
-                pref_iters=600, pref_batch_size=64, pref_lr=5e-5, pref_warmup_iters=50, seeds=3,
+                pref_iters=128, pref_batch_size=64, pref_warmup_iters=10, seeds=3,
                 eval_contexts=256, eval_samples=8, ppl_replies=4000),
 }
 
@@ -255,7 +255,7 @@ def build_triplets(s, model, tok, conversations):
     examples = data.contexts_and_replies(conversations, "pref", s.context_turns)
     if not examples:
         raise DataError("the pref split has no context with a reply; use more conversations")
-    contexts = [e[0] for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
+    contexts = [e.context for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
     kw = dict(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
               batch_size=s.sample_batch_size)
     candidates = sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
@@ -344,17 +344,19 @@ def triplet_batches(enc, idx):
 @torch.no_grad()
 def reference_logps(s, model, enc):
     """ref(y_w|x), ref(y_l|x) and tox(y_t|x) = ref(y_t | x, [TOXIC]) for every triplet, once, before
-    training: the training loop then keeps no reference network. The model is in eval mode (dropout off)."""
+    training: the training loop then keeps no reference network. Also ref(y_t|x), without the token, which no
+    default loss uses but the logs do (how far the policy moved the toxic reply from the SFT model).
+    The model is in eval mode (dropout off)."""
     model.eval()
-    out = {"ref_chosen_logps": [], "ref_rejected_logps": [], "toxic_model_toxic_logps": []}
+    names = {"chosen": "ref_chosen_logps", "rejected": "ref_rejected_logps",
+             "toxic_under_tox": "toxic_model_toxic_logps", "toxic": "ref_toxic_logps"}
+    out = {name: [] for name in names.values()}
     for i in range(0, len(enc), s.pref_batch_size):
         b = triplet_batches(enc, range(i, min(i + s.pref_batch_size, len(enc))))
         with autocast(s.device):
-            chosen, rejected, toxic = adpo.concatenated_logps(
-                model, [tuple(t.to(s.device) for t in b[k]) for k in ("chosen", "rejected", "toxic_under_tox")])
-        out["ref_chosen_logps"].append(chosen.float().cpu())
-        out["ref_rejected_logps"].append(rejected.float().cpu())
-        out["toxic_model_toxic_logps"].append(toxic.float().cpu())
+            logps = adpo.concatenated_logps(model, [tuple(t.to(s.device) for t in b[k]) for k in names])
+        for name, lp in zip(names.values(), logps):
+            out[name].append(lp.float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -424,7 +426,7 @@ def final_pass(s, policy, enc, ref):
     return {"chosen_logp_change": h_w.mean().item(), "final_accuracy": (h_w > h_l).float().mean().item()}
 
 
-def stability(metrics, beta, window=20):
+def stability(metrics, window=20):
     """From the per-step log: the largest fall of log pi(y_w|x) below the SFT model's (h_w on each step's
     batch, so batch-to-batch variation cancels), the largest gradient norm, and the loss spikes (steps whose
     loss exceeds 3 times the median of the previous `window` steps)."""
@@ -433,7 +435,7 @@ def stability(metrics, beta, window=20):
         if len(recent) >= 5 and m["loss"] > 3 * float(np.median(recent)):
             spikes += 1
         recent.append(m["loss"])
-    lowest_h_w = min(m["rewards/chosen"] for m in metrics) / beta
+    lowest_h_w = min(m["logratio/chosen"] for m in metrics)
     return {"chosen_logp_max_drop": max(0.0, -lowest_h_w), "max_grad_norm": max(m["grad_norm"] for m in metrics),
             "loss_spikes": spikes}
 
@@ -490,13 +492,13 @@ def eval_sets(s, conversations):
     examples = data.contexts_and_replies(conversations, "eval", s.context_turns)
     if not examples:
         raise DataError("the eval split has no context with a reply; use more conversations")
-    adversarial = [e for e in examples if e[2] or e[3]]
-    normal = [e for e in examples if not (e[2] or e[3])]
+    adversarial = [e for e in examples if e.last_turn_toxic or e.reply_toxic]
+    normal = [e for e in examples if not (e.last_turn_toxic or e.reply_toxic)]
     adversarial = rng.sample(adversarial, min(s.eval_contexts, len(adversarial)))
     normal = rng.sample(normal, min(s.eval_contexts, len(normal)))
-    human = [e for e in examples if not e[2]]
+    human = [e for e in examples if not e.reply_toxic]
     human = rng.sample(human, min(s.ppl_replies, len(human)))
-    return ([e[0] for e in adversarial], [e[0] for e in normal], [(e[0], e[1]) for e in human])
+    return [e.context for e in adversarial], [e.context for e in normal], [(e.context, e.reply) for e in human]
 
 
 def evaluate(s, model, sft_model, tok, sets, seed, name):
@@ -594,7 +596,8 @@ def plot_curves(path, runs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("loss", ["loss"]), ("rewards/margins", ["rewards/margins"]),
-              ("log pi(y|x): chosen -, rejected --, toxic :", ["logps/chosen", "logps/rejected", "logps/toxic"])]
+              ("log pi(y|x) - log sft(y|x): chosen -, rejected --, toxic :",
+               ["logratio/chosen", "logratio/rejected", "logratio/toxic"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     for ax, (title, keys) in zip(axes, panels):
         for color, (name, metrics) in zip(("tab:blue", "tab:red", "tab:green", "tab:purple"), runs.items()):
@@ -635,25 +638,31 @@ def main(argv):
           f"{counts['eval']:,} eval), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
     os.makedirs(s.out_dir, exist_ok=True)
     tok = data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json"))
+    stage_seconds = {"data": time.time() - t_start}
 
     # 1. SFT: the dialogue model, and with [TOXIC] the inner toxic model
     if "sft" in stages:
+        t0 = time.time()
         sft_model = train_sft(s, tok, conversations)
         save_checkpoint(out("sft.pt"), sft_model, s)
+        stage_seconds["sft"] = time.time() - t0
     sft_model, tok, _ = load_checkpoint(out("sft.pt"), s.device)
 
     # 2. self-generated triplets (x, y_w, y_l, y_t) on contexts SFT never trained on
     if "triplets" in stages:
+        t0 = time.time()
         triplets = build_triplets(s, sft_model, tok, conversations)
         write_text(out("triplets.jsonl"), "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets))
         n_toxic_ok = sum(t["toxic_is_toxic"] for t in triplets)
         print(f"triplets: {len(triplets)} written to {out('triplets.jsonl')}; the judge calls {n_toxic_ok} "
               f"of the toxic replies toxic")
+        stage_seconds["triplets"] = time.time() - t0
 
     # 3. DPO and ADPO from the same SFT model, on the same triplets, reference log-probs computed once
     seeds = [s.seed + i for i in range(s.seeds)]
     runs = {}  # (loss, seed) -> (checkpoint path, metrics)
     if "pref" in stages:
+        t0 = time.time()
         triplets = read_triplets(out("triplets.jsonl"))
         enc = encode_triplets(s, tok, triplets)
         ref = reference_logps(s, sft_model, enc)
@@ -663,14 +672,16 @@ def main(argv):
                 policy, metrics = train_preference(s, name, out("sft.pt"), enc, ref, seed,
                                                    out(f"metrics_{name}{suffix}.jsonl"))
                 stats = final_pass(s, policy, enc, ref)
-                stats.update(stability(metrics, s.beta))
+                stats.update(stability(metrics))
                 save_checkpoint(out(f"{name}{suffix}.pt"), policy, s, {"loss": name, "pref_seed": seed,
                                                                        "stability": stats})
                 runs[(name, seed)] = (out(f"{name}{suffix}.pt"), metrics)
         plot_curves(out("curves.png"), {name: runs[(name, s.seed)][1] for name in losses})
+        stage_seconds["pref"] = time.time() - t0
 
     # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seed
     if "eval" in stages:
+        t0 = time.time()
         sets = eval_sets(s, conversations)
         evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # after --stages=sft,eval: none
         sections = {"sft": [], **{name: [] for name in evaluated}}
@@ -686,7 +697,9 @@ def main(argv):
                 sections[name].append({**r, **ckpt.get("stability", {})})
         report = {name: mean_std(runs_) for name, runs_ in sections.items()}
         report["settings"] = dataclasses.asdict(s)
+        stage_seconds["eval"] = time.time() - t0
         report["wall_time_s"] = time.time() - t_start
+        report["stage_seconds"] = stage_seconds
         report["n_triplets"] = len(read_triplets(out("triplets.jsonl"))) if os.path.isfile(out("triplets.jsonl")) else 0
         write_text(out("report.json"), json.dumps(report, indent=2) + "\n")
         table = report_table(report, ["sft"] + evaluated)
