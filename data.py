@@ -89,40 +89,43 @@ def read_chitchat():
     return conversations
 
 
+def json_lines(path, missing="no such file"):
+    """(where, object) for each non-blank line of a JSONL file; where is "path:line" for error messages."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: {missing}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def read_jsonl(path):
     """User data, one conversation a line: {"turns": ["...", "..."], "toxic": [false, true], "id": "..."}.
     "toxic" and "id" are optional: the judge labels when "toxic" is absent, and the id defaults to a hash of
     the turns. Any malformed line stops everything with the file and line number."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such data file")
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object with a \"turns\" list")
-            turns = obj.get("turns")
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-                raise DataError(f"{where}: \"turns\" must be a non-empty list of strings")
-            turns = [clean(t) for t in turns]
-            if not all(turns):
-                raise DataError(f"{where}: a turn is empty")
-            toxic = obj.get("toxic")
-            if toxic is not None:
-                if not isinstance(toxic, list) or not all(isinstance(t, bool) for t in toxic):
-                    raise DataError(f"{where}: \"toxic\" must be a list of true/false")
-                if len(toxic) != len(turns):
-                    raise DataError(f"{where}: \"toxic\" has {len(toxic)} labels for {len(turns)} turns")
-            conv_id = obj.get("id")
-            if conv_id is None:
-                conv_id = hashlib.sha256("\x00".join(turns).encode("utf-8")).hexdigest()
-            conversations.append((str(conv_id), turns, toxic))
+    for where, obj in json_lines(path, "no such data file"):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object with a \"turns\" list")
+        turns = obj.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise DataError(f"{where}: \"turns\" must be a non-empty list of strings")
+        turns = [clean(t) for t in turns]
+        if not all(turns):
+            raise DataError(f"{where}: a turn is empty")
+        toxic = obj.get("toxic")
+        if toxic is not None:
+            if not isinstance(toxic, list) or not all(isinstance(t, bool) for t in toxic):
+                raise DataError(f"{where}: \"toxic\" must be a list of true/false")
+            if len(toxic) != len(turns):
+                raise DataError(f"{where}: \"toxic\" has {len(toxic)} labels for {len(turns)} turns")
+        conv_id = obj.get("id")
+        if conv_id is None:
+            conv_id = hashlib.sha256("\x00".join(turns).encode("utf-8")).hexdigest()
+        conversations.append((str(conv_id), turns, toxic))
     if not conversations:
         raise DataError(f"{path}: no conversations in the file")
     return conversations

@@ -292,25 +292,15 @@ def build_triplets(s, model, tok, conversations):
 
 def read_triplets(path):
     """triplets.jsonl, checked: every line needs context (a list of turns), chosen, rejected and toxic."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no triplets file; run the triplets stage first")
     triplets = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                t = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            missing = [k for k in TRIPLET_FIELDS if k not in t] if isinstance(t, dict) else list(TRIPLET_FIELDS)
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field {missing[0]!r} (each line needs "
-                                f"{', '.join(TRIPLET_FIELDS)})")
-            if not isinstance(t["context"], list) or not all(isinstance(x, str) for x in t["context"]) or \
-                    not all(isinstance(t[k], str) for k in TRIPLET_FIELDS[1:]):
-                raise DataError(f"{path}:{lineno}: context must be a list of strings, the replies strings")
-            triplets.append(t)
+    for where, t in data.json_lines(path, "no triplets file; run the triplets stage first"):
+        missing = [k for k in TRIPLET_FIELDS if k not in t] if isinstance(t, dict) else list(TRIPLET_FIELDS)
+        if missing:
+            raise DataError(f"{where}: missing field {missing[0]!r} (each line needs {', '.join(TRIPLET_FIELDS)})")
+        if not isinstance(t["context"], list) or not all(isinstance(x, str) for x in t["context"]) or \
+                not all(isinstance(t[k], str) for k in TRIPLET_FIELDS[1:]):
+            raise DataError(f"{where}: context must be a list of strings, the replies strings")
+        triplets.append(t)
     if not triplets:
         raise DataError(f"{path}: no triplets")
     return triplets
