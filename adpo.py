@@ -121,8 +121,9 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps, policy_toxic_
     """The numbers DPO practitioners read (TRL's names), plus the toxic reply's. All detached floats.
     logratio/*: log pi(y|x) - log ref(y|x) for each reply, the SFT model without the token as baseline."""
     with torch.no_grad():
-        rewards_chosen = beta * (policy_chosen_logps - ref_chosen_logps)
-        rewards_rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+        chosen_logratios = policy_chosen_logps - ref_chosen_logps  # h_w
+        rejected_logratios = policy_rejected_logps - ref_rejected_logps  # h_l
+        rewards_chosen, rewards_rejected = beta * chosen_logratios, beta * rejected_logratios
         metrics = {
             "rewards/chosen": rewards_chosen.mean().item(),
             "rewards/rejected": rewards_rejected.mean().item(),
@@ -130,13 +131,13 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps, policy_toxic_
             "rewards/accuracies": (rewards_chosen > rewards_rejected).float().mean().item(),  # strict >
             "logps/chosen": policy_chosen_logps.mean().item(),
             "logps/rejected": policy_rejected_logps.mean().item(),
+            "logratio/chosen": chosen_logratios.mean().item(),
+            "logratio/rejected": rejected_logratios.mean().item(),
         }
         if policy_toxic_logps is not None:
             metrics["rewards/toxic"] = (gamma * (policy_toxic_logps - toxic_model_toxic_logps)).mean().item()
             metrics["logps/toxic"] = policy_toxic_logps.mean().item()
-        metrics["logratio/chosen"] = (policy_chosen_logps - ref_chosen_logps).mean().item()
-        metrics["logratio/rejected"] = (policy_rejected_logps - ref_rejected_logps).mean().item()
-        if policy_toxic_logps is not None and ref_toxic_logps is not None:
-            metrics["logratio/toxic"] = (policy_toxic_logps - ref_toxic_logps).mean().item()
+            if ref_toxic_logps is not None:
+                metrics["logratio/toxic"] = (policy_toxic_logps - ref_toxic_logps).mean().item()
     return metrics
 

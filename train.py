@@ -247,6 +247,12 @@ def train_sft(s, tok, conversations):
 # stage 2: self-generated (chosen, rejected, toxic) triplets
 
 
+def sampling_settings(s, **extra):
+    """The keyword arguments of sample_replies that come from the settings (triplets and evaluation alike)."""
+    return dict(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+                batch_size=s.sample_batch_size, **extra)
+
+
 def build_triplets(s, model, tok, conversations):
     """For each pref-split context: K plain replies, the least toxic is chosen and the most toxic rejected;
     one reply with [TOXIC], resampled up to R times until the judge calls it toxic. Empty replies are not
@@ -256,8 +262,7 @@ def build_triplets(s, model, tok, conversations):
     if not examples:
         raise DataError("the pref split has no context with a reply; use more conversations")
     contexts = [e.context for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
-    kw = dict(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-              batch_size=s.sample_batch_size)
+    kw = sampling_settings(s)
     candidates = sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
                                 progress="triplets: plain replies", **kw)
     probs = data.judge_probs([r for rs in candidates for r in rs]).reshape(len(contexts), s.num_candidates)
@@ -493,8 +498,7 @@ def eval_sets(s, conversations):
 
 def evaluate(s, model, sft_model, tok, sets, seed, name):
     adversarial, normal, human = sets
-    kw = dict(num_samples=s.eval_samples, temperature=s.temperature, top_k=s.top_k,
-              max_new_tokens=s.max_new_tokens, seed=seed, batch_size=s.sample_batch_size)
+    kw = sampling_settings(s, num_samples=s.eval_samples, seed=seed)
     replies = {}
     for group, contexts in (("adversarial", adversarial), ("normal", normal)):
         replies[group] = sample_replies(model, tok, contexts, progress=f"eval {name}: {group}", **kw)
@@ -527,8 +531,7 @@ def evaluate(s, model, sft_model, tok, sets, seed, name):
 def evaluate_sft_control(s, model, tok, sets, seed):
     """The foundation's check of the inner toxic model: the same contexts, with and without [TOXIC]."""
     contexts = sets[0] + sets[1]
-    kw = dict(num_samples=s.eval_samples, temperature=s.temperature, top_k=s.top_k,
-              max_new_tokens=s.max_new_tokens, seed=seed, batch_size=s.sample_batch_size)
+    kw = sampling_settings(s, num_samples=s.eval_samples, seed=seed)
     r = {"n_contexts": len(contexts)}
     examples = {}
     for key, toxic in (("plain", False), ("toxic_token", True)):
@@ -650,7 +653,7 @@ def main(argv):
 
     # 3. DPO and ADPO from the same SFT model, on the same triplets, reference log-probs computed once
     seeds = [s.seed + i for i in range(s.seeds)]
-    runs = {}  # (loss, seed) -> (checkpoint path, metrics)
+    curves = {}  # loss -> per-step metrics of the first seed, for curves.png
     if "pref" in stages:
         t0 = time.time()
         triplets = read_triplets(out("triplets.jsonl"))
@@ -665,8 +668,9 @@ def main(argv):
                 stats.update(stability(metrics))
                 save_checkpoint(out(f"{name}{suffix}.pt"), policy, s, {"loss": name, "pref_seed": seed,
                                                                        "stability": stats})
-                runs[(name, seed)] = (out(f"{name}{suffix}.pt"), metrics)
-        plot_curves(out("curves.png"), {name: runs[(name, s.seed)][1] for name in losses})
+                if seed == s.seed:
+                    curves[name] = metrics
+        plot_curves(out("curves.png"), curves)
         stage_seconds["pref"] = time.time() - t0
 
     # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seed
