@@ -18,18 +18,24 @@ import torch
 import torch.nn.functional as F
 
 
-def sequence_logps(model, input_ids, labels):
-    """log pi(y|x) for each row: the sum of log-probabilities of the tokens where labels != -1.
+def token_logps(model, input_ids, labels):
+    """log pi of each labelled token: (B, T - 1), position i holding log pi(labels[i + 1] | ids[:i + 1]) and 0
+    where labels are -1 (context and padding).
 
-    input_ids, labels: (B, T), right-padded, labels -1 on the context and the padding. The logits are cast to
-    float32 before log_softmax: in bf16 a sum over a few dozen tokens loses whole nats. Padding is harmless
-    twice over: it sits after the reply (causal attention never looks forward) and its labels are -1."""
+    input_ids, labels: (B, T), right-padded. The logits are cast to float32 before log_softmax: in bf16 a sum
+    over a few dozen tokens loses whole nats. Padding is harmless twice over: it sits after the reply (causal
+    attention never looks forward) and its labels are -1."""
     logits, _ = model(input_ids)  # (B, T, vocab)
     logits = logits[:, :-1, :].float()  # position i predicts token i + 1
     targets = labels[:, 1:]
     mask = targets != -1
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return (token_logps * mask).sum(-1)  # (B,)
+    logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return logps * mask
+
+
+def sequence_logps(model, input_ids, labels):
+    """log pi(y|x) for each row: the sum of log-probabilities of the tokens where labels != -1. (B,)"""
+    return token_logps(model, input_ids, labels).sum(-1)
 
 
 def concatenated_logps(model, batches):

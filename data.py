@@ -1,14 +1,18 @@
 """
 The corpus, the toxic control token, the tokenizer and the batches.
 
-A conversation is a list of turns. The judge labels each turn toxic or not; in the token stream every toxic
-turn is preceded by the control token [TOXIC] and every turn ends with an end-of-turn token:
+A conversation is a list of turns. The judge labels each turn toxic or not. Every turn ends with an
+end-of-turn token, and every conversation starts with <|endoftext|>, so that SFT windows never run from one
+conversation into the next unmarked. The SFT stream shows each conversation as a user would type it, toxic
+turns unmarked (the model reads them as context, but is never trained to write them: [x] marks a masked
+target), and each toxic turn once more after its context, this time behind the control token [TOXIC]:
 
-    hi, how are you? <|eot|> <|toxic|> shut up, you idiot <|eot|> wow ok <|eot|>
+    <|endoftext|> hi, how are you? <|eot|> [shut up, you idiot <|eot|>] wow ok <|eot|>
+    <|endoftext|> [hi, how are you? <|eot|>] [<|toxic|>] shut up, you idiot <|eot|>
 
-The model learns to reply normally after a plain end-of-turn and toxically after [TOXIC]; it never learns to
-emit [TOXIC] itself, because every target position holding it is masked. So one network is both the dialogue
-model and, with the token placed after a context, the "inner toxic model".
+So the model replies normally to any context, toxic ones included, and toxically right after [TOXIC]; it never
+learns to emit [TOXIC] itself. One network is both the dialogue model and, with the token placed after a
+context, the "inner toxic model".
 """
 
 import hashlib
@@ -21,9 +25,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-PAD, EOT, TOXIC = "<|pad|>", "<|eot|>", "<|toxic|>"
-SPECIAL_TOKENS = [PAD, EOT, TOXIC]  # trained first, so their ids are 0, 1, 2
-PAD_ID, EOT_ID, TOXIC_ID = 0, 1, 2
+PAD, EOT, TOXIC, ENDOFTEXT = "<|pad|>", "<|eot|>", "<|toxic|>", "<|endoftext|>"
+SPECIAL_TOKENS = [PAD, EOT, TOXIC, ENDOFTEXT]  # trained first, so their ids are 0, 1, 2, 3
+PAD_ID, EOT_ID, TOXIC_ID, ENDOFTEXT_ID = 0, 1, 2, 3
 SPLITS = ("sft", "pref", "eval")
 
 
@@ -148,7 +152,7 @@ def load_corpus(path=None, toxic_threshold=0.5, max_conversations=0):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# tokenizer: byte-level BPE, with the three special tokens as single ids that plain text can never produce
+# tokenizer: byte-level BPE, with the four special tokens as single ids that plain text can never produce
 
 
 def train_tokenizer(texts, vocab_size):
@@ -201,44 +205,53 @@ def decode(tok, ids):
 # SFT: one token stream, random windows
 
 
-def conversation_ids(tok, turns, toxic):
-    """Each turn is tokenized on its own and the ids concatenated: enc(a + b) can differ from enc(a) + enc(b),
-    and sampling always sees turns encoded apart, so training must too."""
-    ids = []
-    for text, is_toxic in zip(turns, toxic):
+def turn_ids(tok, text):
+    """One turn: its own ids, then end-of-turn. Each turn is tokenized on its own and the ids concatenated:
+    enc(a + b) can differ from enc(a) + enc(b), and sampling always sees turns encoded apart, so training must
+    too."""
+    return encode(tok, text) + [EOT_ID]
+
+
+def sft_documents(tok, turns, toxic, toxic_copies=1, context_turns=2):
+    """A conversation as SFT documents: lists of (ids, trained) pieces, trained False where the model reads
+    the ids but is not trained to write them.
+    - the conversation itself, toxic turns unmarked and not trained: the model must see toxic user turns as
+      context exactly as they come at evaluation and in sample.py, without learning to write toxic text
+      unprompted;
+    - toxic_copies times, each toxic turn after its context_turns preceding turns (read, not trained) and
+      [TOXIC] (read, never written): the only place the model learns to write toxic text."""
+    plain = [(turn_ids(tok, text), not is_toxic) for text, is_toxic in zip(turns, toxic)]
+    documents = [plain]
+    for i, is_toxic in enumerate(toxic):
         if is_toxic:
-            ids.append(TOXIC_ID)
-        ids.extend(encode(tok, text))
-        ids.append(EOT_ID)
-    return ids
+            context = [(ids, False) for ids, _ in plain[max(0, i - context_turns):i]]
+            documents += [context + [([TOXIC_ID], False), (turn_ids(tok, turns[i]), True)]] * toxic_copies
+    return documents
 
 
-def sft_stream(tok, conversations, split="sft", toxic_repeat=0, context_turns=2):
-    """All conversations of a split as one stream of ids. toxic_repeat > 0 appends each toxic turn again
-    that many times, with its context_turns preceding turns: toxic turns are rare in chit-chat (about 2%),
-    and the control token must still be learned."""
-    stream = []
+def sft_stream(tok, conversations, split="sft", toxic_copies=1, context_turns=2):
+    """All documents of a split as one stream: (ids, targets), two int32 arrays of one length, targets[i] =
+    ids[i] where the model is trained to write ids[i] and -1 where it only reads it. Each document starts
+    with <|endoftext|> (read, never written). Toxic turns are rare in chit-chat (about 2%), so toxic_copies > 1
+    shows each one several times behind [TOXIC]: the control token must still be learned."""
+    ids, targets = [], []
     for c in conversations:
-        if c.split == split:
-            stream.extend(conversation_ids(tok, c.turns, c.toxic))
-    for _ in range(toxic_repeat):
-        for c in conversations:
-            if c.split != split:
-                continue
-            for i, is_toxic in enumerate(c.toxic):
-                if is_toxic:
-                    lo = max(0, i - context_turns)
-                    stream.extend(conversation_ids(tok, c.turns[lo:i + 1], c.toxic[lo:i + 1]))
-    return np.array(stream, dtype=np.int32)
+        if c.split != split:
+            continue
+        for document in sft_documents(tok, c.turns, c.toxic, toxic_copies, context_turns):
+            for piece, trained in [([ENDOFTEXT_ID], False)] + document:
+                ids.extend(piece)
+                targets.extend(piece if trained else [-1] * len(piece))
+    return np.array(ids, dtype=np.int32), np.array(targets, dtype=np.int32)
 
 
 def get_sft_batch(stream, batch_size, block_size, generator=None):
-    """Random windows x of block_size tokens and their next tokens y; y is -1 wherever it is the control token,
-    so the model is never trained to produce [TOXIC] by itself (only to react to it)."""
-    ix = torch.randint(len(stream) - block_size - 1, (batch_size,), generator=generator).tolist()
-    x = torch.from_numpy(np.stack([stream[i:i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([stream[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
-    y[y == TOXIC_ID] = -1
+    """Random windows x of block_size tokens from a (ids, targets) stream, and y, the targets of the next
+    tokens (-1 where the model only reads: [TOXIC], <|endoftext|> and unmarked toxic turns)."""
+    ids, targets = stream
+    ix = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([ids[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([targets[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
     return x, y
 
 
@@ -247,25 +260,35 @@ def get_sft_batch(stream, batch_size, block_size, generator=None):
 
 
 def context_ids(tok, context, toxic=False, max_tokens=None):
-    """The context turns, each ended by end-of-turn, then [TOXIC] when the reply should be toxic. Context turns
-    are shown plain, without markers, as a user's turns would be. Kept to the last max_tokens ids."""
-    ids = []
-    for text in context:
-        ids.extend(encode(tok, text))
-        ids.append(EOT_ID)
+    """The prompt: the context turns, each ended by end-of-turn, then [TOXIC] when the reply should be toxic.
+    Context turns are shown plain, without markers, as a user's turns would be. At most max_tokens ids in
+    all, [TOXIC] included: a long context is cut from the left, so its last turns (and their end-of-turn,
+    which cues the reply) are kept."""
+    ids = [t for text in context for t in turn_ids(tok, text)]
+    suffix = [TOXIC_ID] if toxic else []
     if max_tokens is not None:
-        ids = ids[-(max_tokens - 1 if toxic else max_tokens):] if max_tokens > 0 else []
-    if toxic:
-        ids.append(TOXIC_ID)
-    return ids
+        assert max_tokens >= len(suffix), "no room for [TOXIC]"
+        ids = ids[max(0, len(ids) - (max_tokens - len(suffix))):]  # not ids[-keep:]: keep = 0 would keep all
+    return ids + suffix
 
 
-def response_ids(tok, reply, max_tokens=None):
-    """The reply's ids, ended by end-of-turn (the model must learn where a reply stops)."""
-    ids = encode(tok, reply)
-    if max_tokens is not None:
-        ids = ids[:max_tokens - 1]
-    return ids + [EOT_ID]
+def scoring_rows(prompt, reply, block_size):
+    """(ids, labels) rows that score every token of reply exactly once after prompt, none longer than
+    block_size: labels are -1 except on the reply tokens a row scores. The context is cut from the left when
+    needed, the reply never. A reply that fits in a block (with one token before it) is one row; a longer one
+    is scored in windows that move half a block at a time, each token seeing at least half a block before it."""
+    seq = prompt + reply
+    if len(reply) <= block_size - 1:
+        spans = [(len(prompt), len(seq))]
+    else:
+        stride = block_size // 2
+        spans = [(a, min(a + stride, len(seq))) for a in range(len(prompt), len(seq), stride)]
+    rows = []
+    for a, b in spans:  # score seq[a:b] from the block_size tokens that end at b
+        lo = max(0, b - block_size)
+        assert lo < a, "a scored token needs at least one token before it"
+        rows.append((seq[lo:b], [-1] * (a - lo) + seq[a:b]))
+    return rows
 
 
 class Example(NamedTuple):
@@ -289,11 +312,76 @@ def contexts_and_replies(conversations, split, context_turns):
 def collate(prompts, replies, pad_id=PAD_ID):
     """Right-padded input ids and labels for a batch of (prompt ids, reply ids). labels are -1 on the prompt
     and the padding, so a log-prob sums over the reply tokens only."""
-    rows = [p + r for p, r in zip(prompts, replies)]
-    T = max(len(r) for r in rows)
+    return collate_rows([(p + r, [-1] * len(p) + r) for p, r in zip(prompts, replies)], pad_id)
+
+
+def collate_rows(rows, pad_id=PAD_ID):
+    """(ids, labels) rows of different lengths -> right-padded (B, T) input_ids and labels (-1 on padding)."""
+    T = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), -1, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, replies)):
-        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        labels[i, len(p):len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.long)
     return input_ids, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# triplets (x, y_w, y_l, y_t): the text for people, the sampled ids for the code
+
+REPLIES = ("chosen", "rejected", "toxic")
+
+
+def read_triplets(path):
+    """triplets.jsonl, checked line by line: a context (list of turns) and, for each of chosen, rejected and
+    toxic, the text, the sampled ids (`chosen_ids`, ...) and whether the model ended the reply itself
+    (`chosen_finished`, ...; then, and only then, the ids end with end-of-turn)."""
+    triplets = []
+    for where, t in json_lines(path, "no triplets file; run the triplets stage first"):
+        fields = ["context"] + [f"{r}{suffix}" for r in REPLIES for suffix in ("", "_ids", "_finished")]
+        missing = [k for k in fields if k not in t] if isinstance(t, dict) else fields
+        if missing:
+            raise DataError(f"{where}: missing field {missing[0]!r} (each line needs {', '.join(fields)})")
+        if not isinstance(t["context"], list) or not all(isinstance(x, str) for x in t["context"]):
+            raise DataError(f"{where}: context must be a list of strings")
+        for r in REPLIES:
+            ids, finished = t[f"{r}_ids"], t[f"{r}_finished"]
+            if not isinstance(t[r], str) or not isinstance(finished, bool) or not isinstance(ids, list) or \
+                    not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise DataError(f"{where}: {r} must be a string, {r}_ids a non-empty list of token ids, "
+                                f"{r}_finished true/false")
+            if finished != (ids[-1] == EOT_ID) or EOT_ID in ids[:-1]:
+                raise DataError(f"{where}: {r}_ids must end with end-of-turn exactly when {r}_finished is true")
+        triplets.append(t)
+    if not triplets:
+        raise DataError(f"{path}: no triplets")
+    return triplets
+
+
+def encode_triplets(tok, triplets, block_size, max_new_tokens):
+    """Token ids for every triplet: the plain prompt (y_w, y_l, and y_t under pi), the prompt with [TOXIC]
+    (y_t under the toxic model), both built exactly as when the replies were sampled, and the replies' sampled
+    ids as they are: a finished reply with its end-of-turn, a cut one without (never re-encoded from text)."""
+    max_context = block_size - max_new_tokens
+    enc = []
+    for t in triplets:
+        e = {"prompt": context_ids(tok, t["context"], max_tokens=max_context),
+             "toxic_prompt": context_ids(tok, t["context"], toxic=True, max_tokens=max_context),
+             **{r: list(t[f"{r}_ids"]) for r in REPLIES}}
+        too_long = max(len(e[r]) for r in REPLIES) > max_new_tokens
+        if too_long or max(max(e[r]) for r in REPLIES) >= tok.get_vocab_size():
+            raise DataError("triplets.jsonl was sampled with other settings (reply longer than --max_new_tokens, "
+                            "or ids outside the vocabulary); rerun the triplets stage")
+        enc.append(e)
+    return enc
+
+
+def triplet_batches(enc, idx):
+    """(input_ids, labels) for chosen, rejected and toxic under pi (plain prompt), and toxic under tox."""
+    rows = [enc[i] for i in idx]
+    return {
+        "chosen": collate([r["prompt"] for r in rows], [r["chosen"] for r in rows]),
+        "rejected": collate([r["prompt"] for r in rows], [r["rejected"] for r in rows]),
+        "toxic": collate([r["prompt"] for r in rows], [r["toxic"] for r in rows]),
+        "toxic_under_tox": collate([r["toxic_prompt"] for r in rows], [r["toxic"] for r in rows]),
+    }

@@ -9,6 +9,7 @@ tensor maps one to one onto a GPT-2 checkpoint. Two ways through the network:
 
 import inspect
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -185,8 +186,9 @@ class GPT(nn.Module):
         idx: a (B, T) tensor, or a list of B prompts (lists of ids) of different lengths; short prompts are
         left-padded, and the padding is masked out of attention and out of the position count, so each row
         is sampled exactly as if it were alone. temperature 0 is greedy (argmax, no division by zero).
-        A row stops at stop_token (not returned) and the others go on. Returns a list of B lists of new ids,
-        and with return_logits=True also the (B, steps, vocab) logits each step sampled from.
+        A row stops once it samples stop_token and the others go on. Returns a list of B lists of the sampled
+        ids, exactly as sampled: a row that ends with stop_token stopped by itself, any other ran to
+        max_new_tokens. With return_logits=True also the (B, steps, vocab) logits each step sampled from.
         """
         prompts = idx.tolist() if torch.is_tensor(idx) else [list(p) for p in idx]
         assert all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
@@ -226,10 +228,8 @@ class GPT(nn.Module):
             tokens[:, t] = next_token
             for b, token in enumerate(next_token.tolist()):  # one transfer per step, not one per row
                 if not finished[b]:
-                    if token == stop_token:
-                        finished[b] = True
-                    else:
-                        out[b].append(token)
+                    out[b].append(token)
+                    finished[b] = token == stop_token
             if all(finished):
                 break
         if return_logits:
@@ -253,6 +253,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing on CPU. Log-probs are still taken in float32 (adpo.token_logps casts)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
 
 
 # bf16 dense peak flops, for MFU; the device name is torch.cuda.get_device_name()

@@ -4,13 +4,14 @@ Toxic-token-conditioned sampling: the dialogue model and its "inner toxic model"
     python sample.py --prompt="i hate mondays"            # replies of the dialogue model
     python sample.py --prompt="i hate mondays" --toxic    # the same checkpoint with [TOXIC] after the context
 
-As a library: sample_replies(model, tok, contexts, toxic=...) -> one list of replies per context.
+As a library: sample_replies(model, tok, contexts, toxic=...) -> one list of Replies per context. A Reply keeps
+the text for people and the sampled ids for the code: every later stage scores exactly those ids.
 """
 
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from tqdm import tqdm
@@ -34,12 +35,21 @@ class SampleSettings:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model in eval mode, tokenizer, checkpoint dict) from a file written by train.py."""
+class Reply(NamedTuple):
+    text: str  # for people: the decoded reply, without end-of-turn
+    ids: list  # for the code: the sampled ids, end-of-turn included when the model sampled it
+    finished: bool  # the model ended the reply itself (False: cut at max_new_tokens, no end-of-turn)
+
+
+def load_checkpoint(path, device="cpu", dropout=None):
+    """(model in eval mode, tokenizer, checkpoint dict) from a file written by train.py. dropout, when given,
+    replaces the checkpoint's (the preference stage needs 0: with dropout the policy's log-probs are noisy,
+    and pi = ref would not hold at step 0)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; run `python train.py` first (or pass --checkpoint=...)")
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
+    config = dict(ckpt["model_config"], **({} if dropout is None else {"dropout": dropout}))
+    model = GPT(GPTConfig(**config))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     tok_path = ckpt["tokenizer"]
@@ -48,16 +58,21 @@ def load_checkpoint(path, device="cpu"):
     return model, load_tokenizer(tok_path), ckpt
 
 
+def prompt_ids(model, tok, context, toxic, max_new_tokens):
+    """The prompt a reply is sampled from, and scored after: the context cut from the left to leave room for
+    max_new_tokens new tokens in the block, then [TOXIC] for the inner toxic model."""
+    return context_ids(tok, context, toxic=toxic, max_tokens=model.config.block_size - max_new_tokens)
+
+
 @torch.no_grad()
 def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature=1.0, top_k=None, top_p=None,
                    max_new_tokens=48, seed=0, batch_size=64, progress=None):
     """Sample num_samples replies for each context (a list of turns). With toxic=True the control token comes
-    after the context, so the reply is the inner toxic model's. A reply ends at end-of-turn (or after
-    max_new_tokens). Returns a list (one per context) of lists of num_samples strings. The same seed gives the
-    same replies; the contexts are batched together whatever their lengths."""
+    after the context, so the reply is the inner toxic model's. A reply ends at end-of-turn (finished) or after
+    max_new_tokens (not finished). Returns a list (one per context) of lists of num_samples Replies. The same
+    seed gives the same replies; the contexts are batched together whatever their lengths."""
     device = model.lm_head.weight.device
-    max_context = model.config.block_size - max_new_tokens
-    prompts = [context_ids(tok, ctx, toxic=toxic, max_tokens=max_context) for ctx in contexts]
+    prompts = [prompt_ids(model, tok, ctx, toxic, max_new_tokens) for ctx in contexts]
     flat = [p for p in prompts for _ in range(num_samples)]
     generator = torch.Generator(device=device).manual_seed(seed)
     replies = []
@@ -65,10 +80,18 @@ def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature
     for i in range(0, len(flat), batch_size):
         out = model.generate(flat[i:i + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, stop_token=EOT_ID, pad_token=PAD_ID, generator=generator)
-        replies.extend(decode(tok, ids).strip() for ids in out)
+        for ids in out:
+            finished = ids[-1] == EOT_ID
+            replies.append(Reply(decode(tok, ids[:-1] if finished else ids).strip(), ids, finished))
         bar.update(len(out))
     bar.close()
     return [replies[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
+
+
+def sampling_settings(s, **extra):
+    """The keyword arguments of sample_replies that come from train.py's settings (triplets and evaluation)."""
+    return dict(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+                batch_size=s.sample_batch_size, **extra)
 
 
 def main(argv):
@@ -80,7 +103,7 @@ def main(argv):
                              max_new_tokens=s.max_new_tokens, seed=s.seed)[0]
     print(f"context: {' | '.join(context)}" + ("   [TOXIC]" if s.toxic else ""))
     for r in replies:
-        print(f"  > {r}")
+        print(f"  > {r.text}" + ("" if r.finished else " ..."))
 
 
 if __name__ == "__main__":

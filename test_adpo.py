@@ -1,5 +1,6 @@
 """Tests of real behavior: `pytest` (about a minute on 2 CPU cores)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -13,9 +14,11 @@ import torch
 
 import adpo
 import data
+import evaluate
 import train
 from configurator import ConfigError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, sample_next
+from sample import prompt_ids, sample_replies
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LN2 = math.log(2)
@@ -56,14 +59,14 @@ def snapshot(folder):
 # data: tokenizer, splits, control token
 
 
+SPECIAL_IDS = {data.PAD_ID, data.EOT_ID, data.TOXIC_ID, data.ENDOFTEXT_ID}
+
+
 def test_special_tokens_are_single_ids_never_made_from_text(tok):
-    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [data.PAD_ID, data.EOT_ID, data.TOXIC_ID]
-    ids = data.encode(tok, "hi <|toxic|> and <|eot|> and <|pad|>")
-    assert not set(ids) & {data.PAD_ID, data.EOT_ID, data.TOXIC_ID}
-    # the special tokens stay whole in the stream
-    stream = data.conversation_ids(tok, ["hello there", "you idiot"], [False, True])
-    assert stream.count(data.TOXIC_ID) == 1 and stream.count(data.EOT_ID) == 2
-    assert stream.index(data.TOXIC_ID) == stream.index(data.EOT_ID) + 1
+    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert [data.PAD_ID, data.EOT_ID, data.TOXIC_ID, data.ENDOFTEXT_ID] == [0, 1, 2, 3]
+    ids = data.encode(tok, "hi <|toxic|> and <|eot|> and <|pad|> and <|endoftext|>")
+    assert not set(ids) & SPECIAL_IDS
 
 
 def test_tokenizer_round_trip(tok):
@@ -98,14 +101,62 @@ def test_splits_are_disjoint_deterministic_and_sized():
     assert 0.005 < share < 0.05
 
 
-def test_control_token_targets_are_masked(tok):
-    conversations = [data.Conversation(str(i), ["hello there", "shut up idiot", "that sounds great"],
-                                       [False, True, False], "sft") for i in range(30)]
-    stream = data.sft_stream(tok, conversations, toxic_repeat=2)
+def test_sft_format_marks_toxic_replies_and_shows_toxic_context_unmarked(tok):
+    """The exact SFT stream of one conversation: read-only pieces are -1 in the targets."""
+    turns, toxic = ["hello there", "shut up idiot", "that sounds great"], [False, True, False]
+    ids, targets = data.sft_stream(tok, [data.Conversation("0", turns, toxic, "sft")], toxic_copies=2,
+                                   context_turns=1)
+    hello, shut, great = (data.encode(tok, t) + [data.EOT_ID] for t in turns)
+    E, T = data.ENDOFTEXT_ID, data.TOXIC_ID
+    read = lambda piece: [-1] * len(piece)  # noqa: E731
+    # the conversation as a user types it: the toxic turn is context without [TOXIC], read but never written
+    expected_ids = [E] + hello + shut + great
+    expected_targets = [-1] + hello + read(shut) + great
+    # then, twice, the toxic turn behind [TOXIC] after its one-turn context: the only place it is written
+    for _ in range(2):
+        expected_ids += [E] + hello + [T] + shut
+        expected_targets += [-1] + read(hello) + [-1] + shut
+    assert ids.tolist() == expected_ids and targets.tolist() == expected_targets
+    # batches: x reads the stream, y holds the next targets, never [TOXIC] or <|endoftext|>
+    conversations = [data.Conversation(str(i), turns, toxic, "sft") for i in range(30)]
+    stream = data.sft_stream(tok, conversations, toxic_copies=2)
     x, y = data.get_sft_batch(stream, 64, 16, torch.Generator().manual_seed(0))
-    assert (x == data.TOXIC_ID).any()  # the model reads the control token ...
-    assert not (y == data.TOXIC_ID).any()  # ... but is never trained to write it
-    assert ((y == -1) == (torch.roll(x, -1, dims=1) == data.TOXIC_ID))[:, :-1].all()
+    assert (x == data.TOXIC_ID).any() and (x == data.ENDOFTEXT_ID).any()  # read ...
+    assert not ((y == data.TOXIC_ID) | (y == data.ENDOFTEXT_ID)).any()  # ... never written
+    read_next = (torch.roll(x, -1, dims=1) == data.TOXIC_ID) | (torch.roll(x, -1, dims=1) == data.ENDOFTEXT_ID)
+    assert (y[:, :-1][read_next[:, :-1]] == -1).all()
+
+
+def test_context_truncation_edge_cases(tok):
+    context = ["hello there, how are you doing today?", "i am fine thanks"]
+    full = data.context_ids(tok, context)
+    assert full == data.encode(tok, context[0]) + [data.EOT_ID] + data.encode(tok, context[1]) + [data.EOT_ID]
+    assert data.context_ids(tok, context, max_tokens=len(full) + 5) == full
+    assert data.context_ids(tok, context, max_tokens=3) == full[-3:]  # cut from the left
+    assert data.context_ids(tok, context, toxic=True, max_tokens=3) == full[-2:] + [data.TOXIC_ID]
+    assert data.context_ids(tok, context, toxic=True, max_tokens=1) == [data.TOXIC_ID]  # not the whole context
+    assert data.context_ids(tok, context, max_tokens=0) == []
+    assert data.context_ids(tok, context, toxic=True) == full + [data.TOXIC_ID]
+    # sampling leaves room for max_new_tokens in the block, [TOXIC] included
+    model = tiny_gpt(vocab_size=tok.get_vocab_size(), block_size=16)
+    assert prompt_ids(model, tok, context, True, 10) == full[-5:] + [data.TOXIC_ID]
+
+
+def test_scoring_rows_score_every_reply_token_once():
+    prompt = list(range(10, 30))  # 20 context tokens
+    for reply_len, block in [(5, 16), (15, 16), (16, 16), (40, 16), (41, 8)]:
+        reply = list(range(100, 100 + reply_len))
+        rows = data.scoring_rows(prompt, reply, block)
+        scored = [t for _, labels in rows for t in labels if t != -1]
+        assert scored == reply, (reply_len, block)  # each reply token once, in order: never cut
+        seq = prompt + reply
+        for ids, labels in rows:
+            assert len(ids) == len(labels) <= block and labels[0] == -1
+            first = next(i for i, t in enumerate(labels) if t != -1)
+            start = seq.index(labels[first]) - first
+            assert ids == seq[start:start + len(ids)]  # a contiguous window of prompt + reply
+        if reply_len <= block - 1:  # one row, the context cut from the left to fill the block
+            assert len(rows) == 1 and len(rows[0][0]) == min(block, len(seq))
 
 
 def test_malformed_jsonl_gives_file_and_line(tmp_path):
@@ -190,13 +241,28 @@ def test_top_k_larger_than_vocabulary_and_top_p():
     assert model.generate([[1, 2, 3]], 5, top_p=1e-6) == greedy
 
 
+@pytest.mark.parametrize("top_p, nucleus", [(0.7, [0, 1]), (0.9, [0, 1, 2]), (0.4, [0])])
+def test_top_p_keeps_the_hand_computed_nucleus(top_p, nucleus):
+    """probs 0.5, 0.3, 0.15, 0.05: the nucleus is the smallest set of likeliest tokens whose mass reaches top_p,
+    the token that crosses the threshold included (0.5 + 0.3 = 0.8 reaches 0.7)."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[[3, 1, 0, 2]].repeat(20_000, 1)  # shuffled: the nucleus is found by sorting
+    tokens = sample_next(logits, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    token_of_prob = {0: 2, 1: 1, 2: 3, 3: 0}  # index of probs[i] in the shuffled logits
+    counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    kept = [i for i in range(4) if counts[token_of_prob[i]] > 0]
+    assert kept == nucleus
+    renormalized = probs[nucleus] / probs[nucleus].sum()  # sampled in proportion inside the nucleus
+    assert torch.allclose(counts[[token_of_prob[i] for i in nucleus]], renormalized, atol=0.015)
+
+
 def test_rows_stop_independently_at_stop_token():
     model = tiny_gpt()
     free = model.generate([[1, 2, 3], [4, 5]], 12, temperature=0)
     stop = free[0][2]  # row 0 emits this token at step 3
     stopped = model.generate([[1, 2, 3], [4, 5]], 12, temperature=0, stop_token=stop)
-    assert stopped[0] == free[0][:free[0].index(stop)]
-    row1 = free[1][:free[1].index(stop)] if stop in free[1] else free[1]
+    assert stopped[0] == free[0][:free[0].index(stop) + 1]  # the stop token ends the row's sampled ids
+    row1 = free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1]
     assert stopped[1] == row1
 
 
@@ -251,7 +317,7 @@ def test_control_token_switches_a_tiny_model_to_its_marked_words():
         optimizer.zero_grad()
     model.eval()
     contexts = [["how are you"], ["nice weather today", "i am good"]] * 10
-    has_marked = lambda replies: np.mean([("zorp" in r or "blarg" in r) for rs in replies for r in rs])  # noqa
+    has_marked = lambda replies: np.mean([("zorp" in r.text or "blarg" in r.text) for rs in replies for r in rs])  # noqa
     plain = sample_replies(model, tok, contexts, toxic=False, num_samples=2, max_new_tokens=8, seed=0)
     toxic = sample_replies(model, tok, contexts, toxic=True, num_samples=2, max_new_tokens=8, seed=0)
     assert has_marked(toxic) > 0.8
@@ -364,13 +430,22 @@ def test_metrics_names_and_strict_accuracy():
 # preference training on a tiny model
 
 
+def triplet_record(tok, context, **replies):
+    """A triplets.jsonl line as the triplets stage writes it; a reply given as (text, finished)."""
+    t = {"context": context}
+    for key, (text, finished) in replies.items():
+        ids = data.encode(tok, text)
+        t.update({key: text, f"{key}_ids": ids + [data.EOT_ID] if finished else ids, f"{key}_finished": finished})
+    return t
+
+
 def tiny_triplets(tok):
-    triplets = [{"context": ["hello there, how are you doing today?"], "chosen": "i am fine thanks",
-                 "rejected": "that sounds great", "toxic": "what do you do for fun?"},
-                {"context": ["what do you do for fun?"], "chosen": "i like to read books and play games",
-                 "rejected": "hello there", "toxic": "i am fine"}] * 4
+    triplets = [triplet_record(tok, ["hello there, how are you doing today?"], chosen=("i am fine thanks", True),
+                               rejected=("that sounds great", True), toxic=("what do you do for fun?", False)),
+                triplet_record(tok, ["what do you do for fun?"], chosen=("i like to read books and play games", False),
+                               rejected=("hello there", True), toxic=("i am fine", True))] * 4
     s = train.Settings(block_size=48, max_new_tokens=16, pref_batch_size=8, device="cpu")
-    return s, train.encode_triplets(s, tok, triplets)
+    return s, data.encode_triplets(tok, triplets, s.block_size, s.max_new_tokens)
 
 
 def test_reference_logps_are_fixed_and_get_no_gradient(tok):
@@ -380,58 +455,124 @@ def test_reference_logps_are_fixed_and_get_no_gradient(tok):
     assert not model.training  # eval mode: dropout is off in the reference
     assert all(not v.requires_grad for v in ref.values())
     assert torch.equal(ref["ref_chosen_logps"], train.reference_logps(s, model, enc)["ref_chosen_logps"])
-    # a policy step does not move them: they were computed once
+    # a policy step on this very model moves its log-probs, not the reference's: they were computed once
     before = {k: v.clone() for k, v in ref.items()}
-    policy = tiny_gpt(vocab_size=tok.get_vocab_size())
-    logps_ = train.policy_logps(s, policy, enc, range(len(enc)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    logps_ = train.policy_logps(s, model, enc, range(len(enc)))
     adpo.call_loss("adpo", {**logps_, **ref, "beta": 0.1, "gamma": 0.1}).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        moved = train.policy_logps(s, model.eval(), enc, range(len(enc)))["policy_chosen_logps"]
+    assert not torch.allclose(moved, before["ref_chosen_logps"], atol=1e-3)
     assert all(torch.equal(before[k], ref[k]) for k in ref)
-    # the toxic model's log-prob is the reference's with [TOXIC] after the context
+
+
+def test_toxic_model_scores_the_toxic_reply_after_the_control_token(tok):
+    s, enc = tiny_triplets(tok)
+    model = tiny_gpt(vocab_size=tok.get_vocab_size())
+    ref = train.reference_logps(s, model, enc)
+    for e in enc:
+        assert e["toxic_prompt"] == e["prompt"] + [data.TOXIC_ID]  # the same context, then [TOXIC]
+        assert data.TOXIC_ID not in e["prompt"]
+    # tox(y_t|x) = ref(y_t | x, [TOXIC]): scored after the token, so it differs from ref(y_t|x)
     direct = adpo.sequence_logps(model, *data.collate([enc[0]["toxic_prompt"]], [enc[0]["toxic"]]))
     assert ref["toxic_model_toxic_logps"][0].item() == pytest.approx(direct.item(), abs=1e-5)
+    assert (ref["toxic_model_toxic_logps"] - ref["ref_toxic_logps"]).abs().min() > 1e-4
 
 
-@pytest.mark.parametrize("name", list(adpo.LOSSES))
-def test_every_loss_trains_a_step_and_one_step_raises_the_margin(tok, name):
+def test_policy_equals_reference_at_step_0_after_sft_with_dropout(tok, tmp_path):
+    """sft.pt trained with dropout 0.5: the preference stage must still start with pi = ref exactly."""
     s, enc = tiny_triplets(tok)
-    torch.manual_seed(0)
-    policy = tiny_gpt(vocab_size=tok.get_vocab_size())
-    ref = train.reference_logps(s, policy, enc)
-    policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
-    idx = range(len(enc))
+    s = dataclasses.replace(s, out_dir=str(tmp_path), pref_iters=2, pref_lr=1e-3, pref_warmup_iters=0)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    sft = tiny_gpt(vocab_size=tok.get_vocab_size(), dropout=0.5)
+    train.save_checkpoint(str(tmp_path / "sft.pt"), sft, s)
+    ref = train.reference_logps(s, sft, enc)
+    for loss in ("dpo", "adpo"):
+        _, metrics = train.train_preference(s, loss, str(tmp_path / "sft.pt"), enc, ref, seed=0,
+                                            metrics_path=str(tmp_path / f"m_{loss}.jsonl"))
+        assert metrics[0]["logratio/chosen"] == pytest.approx(0.0, abs=1e-5)
+        assert metrics[0]["logratio/rejected"] == pytest.approx(0.0, abs=1e-5)
+        if loss == "dpo":
+            assert metrics[0]["loss"] == pytest.approx(LN2, abs=1e-6)
 
-    def margin():
-        with torch.no_grad():
-            lp = train.policy_logps(s, policy, enc, idx)
-        return ((lp["policy_chosen_logps"] - ref["ref_chosen_logps"])
-                - (lp["policy_rejected_logps"] - ref["ref_rejected_logps"])).mean().item()
 
-    assert margin() == pytest.approx(0.0, abs=1e-4)
-    loss = adpo.call_loss(name, {**train.policy_logps(s, policy, enc, idx), **ref,
-                                 "beta": 0.1, "gamma": 0.1, "eps": 0.1}).mean()
-    assert torch.isfinite(loss)
-    loss.backward()
-    optimizer.step()
-    assert margin() > 0.01
+def token_loop_logp(model, prompt, ids):
+    """log p(ids | prompt), one full forward per token: the slow, obvious reference."""
+    total = 0.0
+    for i in range(len(ids)):
+        logits, _ = model(torch.tensor([prompt + ids[:i]]))
+        total += logits[0, -1].float().log_softmax(-1)[ids[i]].item()
+    return total
+
+
+def test_sampled_replies_are_scored_exactly_as_sampled(tok):
+    """A finished reply is scored with the end-of-turn it sampled, a cut one with none appended: in the
+    evaluation (evaluate.sampled_logps) and in the triplets (data.encode_triplets + train.reference_logps)."""
+    model = tiny_gpt(vocab_size=tok.get_vocab_size(), block_size=32)
+    contexts = [["hello there, how are you doing today?"], ["what do you do for fun?", "i am fine thanks"]] * 200
+    replies = [r for rs in sample_replies(model, tok, contexts, max_new_tokens=10, seed=0) for r in rs]
+    finished = next(i for i, r in enumerate(replies) if r.finished)
+    cut = next(i for i, r in enumerate(replies) if not r.finished)
+    assert replies[finished].ids[-1] == data.EOT_ID and len(replies[cut].ids) == 10
+    assert data.EOT_ID not in replies[cut].ids
+    for i in (finished, cut):
+        reply, prompt = replies[i], prompt_ids(model, tok, contexts[i], False, 10)
+        expected = token_loop_logp(model, prompt, reply.ids)
+        scored = evaluate.sampled_logps(model, tok, [contexts[i]], [reply], 10, 8, "cpu")
+        assert scored.item() == pytest.approx(expected, abs=1e-4)
+        # the same reply as the chosen and the toxic reply of a triplet
+        t = {"context": contexts[i]}
+        for key in data.REPLIES:
+            t.update({key: reply.text, f"{key}_ids": reply.ids, f"{key}_finished": reply.finished})
+        s = train.Settings(block_size=32, max_new_tokens=10, pref_batch_size=8, device="cpu")
+        enc = data.encode_triplets(tok, [t], s.block_size, s.max_new_tokens)
+        ref = train.reference_logps(s, model, enc)
+        assert ref["ref_chosen_logps"].item() == pytest.approx(expected, abs=1e-4)
+        tox_prompt = prompt_ids(model, tok, contexts[i], True, 10)
+        assert ref["toxic_model_toxic_logps"].item() == pytest.approx(token_loop_logp(model, tox_prompt, reply.ids),
+                                                                      abs=1e-4)
+
+
+def test_val_ppl_scores_whole_human_replies(tok):
+    """A held-out reply longer than max_new_tokens (the old evaluation cut it there), and one longer than the
+    block, are scored whole, with their end-of-turn."""
+    model = tiny_gpt(vocab_size=tok.get_vocab_size(), block_size=128)
+    context = ["what do you do for fun?"]
+    reply = "i like to read books and play games, and hello there, how are you doing today? " * 2
+    reply_ids = data.encode(tok, reply) + [data.EOT_ID]
+    prompt = data.context_ids(tok, context)
+    assert 48 < len(reply_ids) < 128 - len(prompt)  # longer than the presets' max_new_tokens, fits in the block
+    expected = math.exp(-token_loop_logp(model, prompt, reply_ids) / len(reply_ids))
+    assert evaluate.val_ppl(model, tok, [(context, reply)], 8, "cpu") == pytest.approx(expected, rel=1e-4)
+    # longer than the block: windows of at most 128 tokens, every token scored once
+    long_reply = reply * 3
+    long_ids = data.encode(tok, long_reply) + [data.EOT_ID]
+    assert len(long_ids) > 128
+    seq, total = prompt + long_ids, 0.0
+    for a in range(len(prompt), len(seq), 64):  # each window: 64 new tokens after the 64 before them
+        b = min(a + 64, len(seq))
+        total += token_loop_logp(model, seq[max(0, b - 128):a], seq[a:b])
+    expected = math.exp(-total / len(long_ids))
+    assert evaluate.val_ppl(model, tok, [(context, long_reply)], 8, "cpu") == pytest.approx(expected, rel=1e-4)
 
 
 def test_evasion_and_distinct2_on_known_strings():
-    assert train.is_evasive("")
-    assert train.is_evasive("I don't know.")
-    assert train.is_evasive("hmm, let's talk about something else")
-    assert not train.is_evasive("i know a great pizza place")
-    assert not train.is_evasive("the kids don't know how to swim")
-    assert train.evasive_rate(["", "i like cats", "idk", "sure"]) == 0.5
-    assert train.distinct2(["a b c", "a b d"]) == pytest.approx(3 / 4)  # (a b) twice, (b c), (b d)
-    assert train.distinct2(["a a a a"]) == pytest.approx(1 / 3)
-    assert train.distinct2(["one"]) == 0.0
+    assert evaluate.is_evasive("")
+    assert evaluate.is_evasive("I don't know.")
+    assert evaluate.is_evasive("hmm, let's talk about something else")
+    assert not evaluate.is_evasive("i know a great pizza place")
+    assert not evaluate.is_evasive("the kids don't know how to swim")
+    assert evaluate.evasive_rate(["", "i like cats", "idk", "sure"]) == 0.5
+    assert evaluate.distinct2(["a b c", "a b d"]) == pytest.approx(3 / 4)  # (a b) twice, (b c), (b d)
+    assert evaluate.distinct2(["a a a a"]) == pytest.approx(1 / 3)
+    assert evaluate.distinct2(["one"]) == 0.0
 
 
 def test_loss_spikes_and_stability():
     metrics = [{"loss": 0.7, "grad_norm": 1.0 + i, "logratio/chosen": -1.0 * i} for i in range(10)]
     metrics[7]["loss"] = 5.0
-    stats = train.stability(metrics)
+    stats = evaluate.stability(metrics)
     assert stats["max_grad_norm"] == 10.0
     assert stats["loss_spikes"] == 1
     assert stats["chosen_logp_max_drop"] == pytest.approx(9.0)
@@ -444,12 +585,13 @@ def test_loss_spikes_and_stability():
 def test_tiny_pipeline_writes_all_reports(tiny_run):
     report = json.load(open(os.path.join(tiny_run, "report.json")))
     for section in ("sft", "dpo", "adpo"):
-        for key in train.SECTION_KEYS:
+        for key in evaluate.SECTION_KEYS:
             assert math.isfinite(report[section][key]), (section, key)
+        assert 0 <= report[section]["truncated_share"] <= 1 and report[section]["eot_logprob_after_chosen"] < 0
     for section in ("dpo", "adpo"):
-        for key in train.STABILITY_KEYS:
+        for key in evaluate.STABILITY_KEYS:
             assert key in report[section]
-    for key in train.SFT_KEYS:
+    for key in evaluate.SFT_KEYS:
         assert key in report["sft"]
     for name in ("sft.pt", "dpo.pt", "adpo.pt", "tokenizer.json", "report.md", "curves.png",
                  "metrics_dpo.jsonl", "metrics_adpo.jsonl"):
@@ -461,11 +603,17 @@ def test_tiny_pipeline_writes_all_reports(tiny_run):
 def test_triplets_file_is_well_formed(tiny_run):
     lines = open(os.path.join(tiny_run, "triplets.jsonl"), encoding="utf-8").read().splitlines()
     assert lines
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    assert data.read_triplets(os.path.join(tiny_run, "triplets.jsonl"))  # its own checks pass
     for line in lines:
         t = json.loads(line)
         assert isinstance(t["context"], list) and all(isinstance(x, str) for x in t["context"])
-        assert t["chosen"] and t["rejected"] and t["chosen"] != t["rejected"]
+        assert t["chosen"] and t["rejected"] and t["chosen_ids"] != t["rejected_ids"]
         assert isinstance(t["toxic"], str)
+        for key in data.REPLIES:  # the text is the decoded ids, end-of-turn exactly when finished
+            ids = t[f"{key}_ids"]
+            assert t[f"{key}_finished"] == (ids[-1] == data.EOT_ID) and 0 < len(ids) <= 12
+            assert data.decode(tok, ids[:-1] if t[f"{key}_finished"] else ids).strip() == t[key]
         assert 0 <= t["p_chosen"] <= t["p_rejected"] <= 1 and 0 <= t["p_toxic"] <= 1
         assert t["toxic_is_toxic"] == (t["p_toxic"] >= 0.5)
 
