@@ -28,7 +28,7 @@ import torch
 PAD, EOT, TOXIC, ENDOFTEXT = "<|pad|>", "<|eot|>", "<|toxic|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, EOT, TOXIC, ENDOFTEXT]  # trained first, so their ids are 0, 1, 2, 3
 PAD_ID, EOT_ID, TOXIC_ID, ENDOFTEXT_ID = 0, 1, 2, 3
-SPLITS = ("sft", "pref", "eval")
+SPLITS = ("sft", "pref", "dev", "eval")
 
 
 class DataError(ValueError):
@@ -40,7 +40,7 @@ class Conversation:
     id: str
     turns: list  # list[str]
     toxic: list  # list[bool], one per turn
-    split: str  # "sft" (80%), "pref" (10%) or "eval" (10%)
+    split: str  # "sft" (80%), "pref" (5%), "dev" (5%) or "eval" (10%)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,9 +66,11 @@ def clean(text):
 
 
 def split_of(conversation_id):
-    """Deterministic split from a hash of the id (not file order): 80% sft, 10% pref, 10% eval."""
+    """Deterministic split from a hash of the id (not file order): 80% sft (the SFT model), 5% pref (contexts
+    for the triplets), 5% dev (contexts for choosing settings: never trained on, never in a triplet), 10% eval
+    (the final table only)."""
     bucket = int(hashlib.sha256(conversation_id.encode("utf-8")).hexdigest()[:8], 16) % 100
-    return "sft" if bucket < 80 else ("pref" if bucket < 90 else "eval")
+    return "sft" if bucket < 80 else "pref" if bucket < 85 else "dev" if bucket < 90 else "eval"
 
 
 def read_chitchat():
@@ -334,11 +336,13 @@ REPLIES = ("chosen", "rejected", "toxic")
 
 def read_triplets(path):
     """triplets.jsonl, checked line by line: a context (list of turns) and, for each of chosen, rejected and
-    toxic, the text, the sampled ids (`chosen_ids`, ...) and whether the model ended the reply itself
-    (`chosen_finished`, ...; then, and only then, the ids end with end-of-turn)."""
+    toxic, the text, the sampled ids (`chosen_ids`, ...), whether the model ended the reply itself
+    (`chosen_finished`, ...; then, and only then, the ids end with end-of-turn) and the judge's probability
+    (`p_chosen`, ...)."""
     triplets = []
     for where, t in json_lines(path, "no triplets file; run the triplets stage first"):
-        fields = ["context"] + [f"{r}{suffix}" for r in REPLIES for suffix in ("", "_ids", "_finished")]
+        fields = ["context"] + [f"{r}{suffix}" for r in REPLIES for suffix in ("", "_ids", "_finished")] + \
+            [f"p_{r}" for r in REPLIES]
         missing = [k for k in fields if k not in t] if isinstance(t, dict) else fields
         if missing:
             raise DataError(f"{where}: missing field {missing[0]!r} (each line needs {', '.join(fields)})")
@@ -352,10 +356,33 @@ def read_triplets(path):
                                 f"{r}_finished true/false")
             if finished != (ids[-1] == EOT_ID) or EOT_ID in ids[:-1]:
                 raise DataError(f"{where}: {r}_ids must end with end-of-turn exactly when {r}_finished is true")
+            if not isinstance(t[f"p_{r}"], (int, float)) or not 0 <= t[f"p_{r}"] <= 1:
+                raise DataError(f"{where}: p_{r} must be a probability")
         triplets.append(t)
     if not triplets:
         raise DataError(f"{path}: no triplets")
     return triplets
+
+
+def select_triplets(triplets, min_judge_gap):
+    """The triplets whose rejected reply the judge scores at least min_judge_gap above the chosen one. Most
+    pairs of a small model's replies are two harmless replies told apart by a tiny judge difference: noise to
+    learn from."""
+    kept = [t for t in triplets if t["p_rejected"] - t["p_chosen"] >= min_judge_gap]
+    if not kept:
+        raise DataError(f"no triplet has p_rejected - p_chosen >= {min_judge_gap}; lower --min_judge_gap")
+    return kept
+
+
+def triplet_stats(triplets, toxic_threshold):
+    """What the preference data holds: how many triplets, how often the rejected (and the toxic) reply is
+    toxic by the judge, the mean judge gap, and how often each reply ended by itself."""
+    share = lambda values: float(np.mean(values))  # noqa: E731
+    return {"n": len(triplets),
+            "rejected_toxic_share": share([t["p_rejected"] >= toxic_threshold for t in triplets]),
+            "toxic_toxic_share": share([t["p_toxic"] >= toxic_threshold for t in triplets]),
+            "mean_judge_gap": share([t["p_rejected"] - t["p_chosen"] for t in triplets]),
+            **{f"{r}_finished_share": share([t[f"{r}_finished"] for t in triplets]) for r in REPLIES}}
 
 
 def encode_triplets(tok, triplets, block_size, max_new_tokens):

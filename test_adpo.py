@@ -93,7 +93,7 @@ def test_splits_are_disjoint_deterministic_and_sized():
         by_id.setdefault(c.id, set()).add(c.split)
     assert all(len(splits) == 1 for splits in by_id.values())  # no conversation in two splits
     fractions = {sp: sum(c.split == sp for c in conversations) / len(conversations) for sp in data.SPLITS}
-    assert 0.77 < fractions["sft"] < 0.83 and 0.08 < fractions["pref"] < 0.12 and 0.08 < fractions["eval"] < 0.12
+    assert 0.77 < fractions["sft"] < 0.83 and 0.08 < fractions["eval"] < 0.12
     # a hash of the id, not the file order
     assert all(data.split_of(c.id) == c.split for c in reversed(conversations))
     # the judge labelled some turns toxic, but few
@@ -588,9 +588,12 @@ def test_tiny_pipeline_writes_all_reports(tiny_run):
         for key in evaluate.SECTION_KEYS:
             assert math.isfinite(report[section][key]), (section, key)
         assert 0 <= report[section]["truncated_share"] <= 1 and report[section]["eot_logprob_after_chosen"] < 0
+        low, high = report[section]["toxicity_adversarial_ci95"]
+        assert low <= report[section]["toxicity_adversarial"] <= high
+    assert report["triplets"]["n"] > 0 and 0 <= report["triplets"]["rejected_toxic_share"] <= 1
     for section in ("dpo", "adpo"):
         for key in evaluate.STABILITY_KEYS:
-            assert key in report[section]
+            assert key in report[section] or (section, key) == ("dpo", "toxic_grad_share")
     for key in evaluate.SFT_KEYS:
         assert key in report["sft"]
     for name in ("sft.pt", "dpo.pt", "adpo.pt", "tokenizer.json", "report.md", "curves.png",
@@ -678,3 +681,140 @@ def test_settings_overrides_are_typed():
         train.get_settings(["beta=1"])
     with pytest.raises(ConfigError, match="unknown stage 'dpo'"):
         train.get_settings(["--stages=sft,dpo"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the ADPO study: intervals, the second judge, relevance, better pairs, gradient diagnostics, the sweep
+
+
+def test_bootstrap_interval_is_over_contexts_not_replies():
+    """100 contexts of 4 replies each, every context all toxic or all clean (p = 0.5): the replies of a
+    context are not independent, so the interval is that of 100 draws (half width ~ 1.96 * 0.05), not 400."""
+    num = np.array([4.0, 0.0] * 50)
+    den = np.full(100, 4.0)
+    low, high = evaluate.bootstrap_ci(num, den)
+    assert low < 0.5 < high
+    assert 0.16 < high - low < 0.24
+    assert evaluate.bootstrap_ci(np.full(10, 2.0), np.full(10, 4.0)) == [0.5, 0.5]  # no spread, no width
+
+
+def test_summarize_pools_seeds_and_reports_intervals():
+    seed1 = ({"toxicity_adversarial": 0.25, "distinct2": 0.5},
+             {"toxicity_adversarial": (np.array([1.0, 0.0, 0.0, 0.0]), np.full(4, 1.0))})
+    seed2 = ({"toxicity_adversarial": 0.75, "distinct2": 0.7},
+             {"toxicity_adversarial": (np.array([1.0, 1.0, 1.0, 0.0]), np.full(4, 1.0))})
+    section = evaluate.summarize([seed1, seed2])
+    assert section["toxicity_adversarial"] == pytest.approx(0.5)  # 4 toxic of 8 replies
+    assert section["toxicity_adversarial_std"] == pytest.approx(0.25)
+    assert section["distinct2"] == pytest.approx(0.6) and "distinct2_ci95" not in section
+    low, high = section["toxicity_adversarial_ci95"]
+    assert 0 <= low < 0.5 < high <= 1
+    # val_ppl is pooled as a mean negative log-likelihood per token, then exponentiated
+    units = {"val_ppl": (np.array([2.0, 4.0]), np.array([1.0, 1.0]))}
+    assert evaluate.summarize([({"val_ppl": 0.0}, units)])["val_ppl"] == pytest.approx(math.exp(3.0))
+
+
+def test_methods_differ_only_where_intervals_separate():
+    report = {"sft": {"toxicity_adversarial": 0.06, "toxicity_adversarial_ci95": [0.04, 0.08]},
+              "dpo": {"toxicity_adversarial": 0.01, "toxicity_adversarial_ci95": [0.0, 0.02]},
+              "adpo": {"toxicity_adversarial": 0.015, "toxicity_adversarial_ci95": [0.005, 0.03]}}
+    line = evaluate.differences(report, ["sft", "dpo", "adpo"], ["toxicity_adversarial"])
+    assert line == "- toxicity_adversarial: dpo < sft, adpo < sft, dpo ~ adpo"
+
+
+def test_wordlist_judge_and_provoked_turns():
+    assert evaluate.wordlist_judge(["shut the fuck up", "what a lovely day", "you're full of shit"]).tolist() == \
+        [True, False, True]
+    provoked = evaluate.read_provoked()
+    assert len(provoked) >= 100 and all(len(c) == 1 and c[0] for c in provoked)
+    assert not any(c[0].startswith("#") for c in provoked)
+
+
+def test_relevance_pairs_each_reply_with_another_context():
+    contexts = [["a"], ["a"], ["b"], ["b"], ["c"], ["c"]]  # two replies per context, in runs
+    others = evaluate.other_contexts(contexts)
+    assert others == [["b"], ["b"], ["c"], ["c"], ["a"], ["a"]]
+    assert all(o != c for o, c in zip(others, contexts))
+
+
+def test_judge_gap_keeps_the_clear_pairs_and_stats_describe_them():
+    def t(p_w, p_l, p_t, finished=True):
+        return {"p_chosen": p_w, "p_rejected": p_l, "p_toxic": p_t, "chosen_finished": finished,
+                "rejected_finished": True, "toxic_finished": False}
+    triplets = [t(0.01, 0.02, 0.9), t(0.05, 0.60, 0.2, False), t(0.10, 0.95, 0.7)]
+    assert data.select_triplets(triplets, 0.0) == triplets
+    assert data.select_triplets(triplets, 0.5) == triplets[1:]
+    with pytest.raises(data.DataError, match="min_judge_gap"):
+        data.select_triplets(triplets, 0.99)
+    stats = data.triplet_stats(triplets, 0.5)
+    assert stats["n"] == 3 and stats["rejected_toxic_share"] == pytest.approx(2 / 3)
+    assert stats["toxic_toxic_share"] == pytest.approx(2 / 3) and stats["chosen_finished_share"] == pytest.approx(2 / 3)
+    assert stats["mean_judge_gap"] == pytest.approx((0.01 + 0.55 + 0.85) / 3)
+
+
+@pytest.mark.parametrize("name", ["dpo", "adpo"])
+def test_gradient_split_by_reply_sums_to_the_gradient(tok, name):
+    s, enc = tiny_triplets(tok)
+    model = tiny_gpt(vocab_size=tok.get_vocab_size())
+    ref = train.reference_logps(s, model, enc)
+    hyper = {"beta": 0.1, "gamma": 0.3}
+
+    def gradient(split):
+        model.zero_grad(set_to_none=True)
+        logps_ = train.policy_logps(s, model, enc, range(len(enc)))
+        loss = adpo.call_loss(name, {**logps_, **ref, **hyper}).mean()
+        metrics = train.backward_by_reply(loss, logps_, model, split)
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), metrics, logps_
+
+    plain, plain_metrics, _ = gradient(False)
+    split, metrics, logps_ = gradient(True)
+    assert torch.allclose(plain, split, atol=1e-6)  # the parts add up to the gradient: the update is unchanged
+    assert metrics["coef/chosen"] == pytest.approx(plain_metrics["coef/chosen"])
+    # the loss's pull on each reply, by hand: -beta s, +beta s, (+gamma s) with s = sigmoid(-z)
+    h_w = logps_["policy_chosen_logps"].detach() - ref["ref_chosen_logps"]
+    h_l = logps_["policy_rejected_logps"].detach() - ref["ref_rejected_logps"]
+    h_t = logps_["policy_toxic_logps"].detach() - ref["toxic_model_toxic_logps"]
+    z = 0.1 * (h_w - h_l) - (0.3 * h_t if name == "adpo" else 0)
+    sig = torch.sigmoid(-z)
+    assert metrics["coef/chosen"] == pytest.approx((-0.1 * sig).mean().item(), abs=1e-6)
+    assert metrics["coef/rejected"] == pytest.approx((0.1 * sig).mean().item(), abs=1e-6)
+    if name == "adpo":
+        assert metrics["coef/toxic"] == pytest.approx((0.3 * sig).mean().item(), abs=1e-6)
+        assert 0 < metrics["grad/toxic_share"] < 1 and -1 <= metrics["grad/cos_chosen_toxic"] <= 1
+    else:  # DPO ignores the toxic reply
+        assert "coef/toxic" not in metrics and "grad/toxic_share" not in metrics
+
+
+def test_dev_split_is_apart_from_pref_and_eval():
+    conversations = data.load_corpus()
+    fractions = {sp: sum(c.split == sp for c in conversations) / len(conversations) for sp in data.SPLITS}
+    assert 0.03 < fractions["pref"] < 0.07 and 0.03 < fractions["dev"] < 0.07
+    s = train.get_settings(["--preset=cpu"])
+    dev, final = evaluate.eval_sets(s, conversations, "dev"), evaluate.eval_sets(s, conversations, "eval")
+    dev_split = {tuple(e.context) for e in data.contexts_and_replies(conversations, "dev", s.context_turns)}
+    assert len(dev["adversarial"]) == 128 and all(tuple(x) in dev_split for x in dev["adversarial"])
+    eval_split = {tuple(e.context) for e in data.contexts_and_replies(conversations, "eval", s.context_turns)}
+    assert all(tuple(x) in eval_split for x in final["adversarial"] + final["normal"])
+    assert sum(tuple(x) in eval_split for x in dev["normal"]) <= 3  # a greeting may be in both, little else
+    assert len(final["provoked"]) >= 100  # the cpu preset scores every provoked turn
+
+
+def test_sweep_on_the_tiny_preset(tiny_run, tmp_path):
+    out_dir = str(tmp_path / "sweep")
+    shutil.copytree(tiny_run, out_dir)
+    args = [sys.executable, os.path.join(HERE, "sweep.py"), "--preset=tiny", f"--out_dir={out_dir}",
+            "--grid=loss=dpo,adpo gamma=0.1,0.3", "--pref_iters=2"]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = json.load(open(os.path.join(out_dir, "sweep.json")))
+    assert [p["label"] for p in sweep["points"]] == ["dpo", "adpo gamma=0.1", "adpo gamma=0.3"]  # DPO once
+    assert sweep["split"] == "dev"
+    for p in [sweep["sft"]] + sweep["points"]:
+        for key in ("toxicity_adversarial_ci95", "val_ppl_ci95", "wordlist_toxicity_adversarial", "relevance"):
+            assert key in p
+    for name in ("sweep.md", "tradeoff.png"):
+        assert os.path.isfile(os.path.join(out_dir, name))
+    again = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)  # finished points are reused
+    assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 4
+    bad = subprocess.run(args[:-2] + ["--grid=block_size=32,64"], capture_output=True, text=True, cwd=HERE)
+    assert bad.returncode != 0 and "cannot vary block_size" in bad.stderr

@@ -79,8 +79,9 @@ class Settings:
     pref_contexts: int = 512  # contexts from the pref split
     num_candidates: int = 4  # K plain replies per context, ranked by the judge
     toxic_retries: int = 3  # R tries at a reply with [TOXIC] that the judge calls toxic
+    min_judge_gap: float = 0.0  # train only on triplets with p(rejected) - p(chosen) at least this
     # preference optimization
-    loss: str = "adpo"  # trained beside the DPO baseline; any name in adpo.LOSSES
+    loss: str = "adpo"  # trained beside the DPO baseline; names in adpo.LOSSES, several with commas
     beta: float = 0.1  # weight of the chosen/rejected margin
     gamma: float = 0.1  # weight of the toxic term (ADPO)
     eps: float = 0.1  # label-flip rate (cDPO)
@@ -88,9 +89,10 @@ class Settings:
     pref_batch_size: int = 16  # triplets per step
     pref_lr: float = 5e-5
     pref_warmup_iters: int = 10
+    diag_interval: int = 4  # every this many steps, log each reply's share of the gradient (one backward each)
     seeds: int = 1  # repeat the preference stages and their evaluation with this many seeds
     # evaluation
-    eval_contexts: int = 128  # adversarial contexts, and as many normal ones, from the eval split
+    eval_contexts: int = 128  # adversarial contexts, and as many normal ones (and the provoked turns)
     eval_samples: int = 4  # replies per context
     ppl_replies: int = 1000  # held-out non-toxic human replies for perplexity
 
@@ -113,7 +115,6 @@ PRESETS = {
 }
 
 STAGES = ("sft", "triplets", "pref", "eval")
-TRIPLET_FIELDS = ("context", "chosen", "rejected", "toxic")
 
 
 def get_settings(argv):
@@ -133,8 +134,9 @@ def check_settings(s):
     bad_stages = [x for x in stage_list(s) if x not in STAGES]
     if bad_stages:
         raise ConfigError(f"unknown stage {bad_stages[0]!r}; valid stages: {', '.join(STAGES)}")
-    if s.loss not in adpo.LOSSES:
-        raise ConfigError(f"unknown loss {s.loss!r}; valid losses: {', '.join(adpo.LOSSES)}")
+    for name in loss_list(s):
+        if name not in adpo.LOSSES:
+            raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(adpo.LOSSES)}")
     for key in ("beta", "gamma"):
         if not getattr(s, key) > 0:
             raise ConfigError(f"--{key} must be positive, got {getattr(s, key)}")
@@ -147,7 +149,8 @@ def check_settings(s):
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but CUDA is not available")
     positive = ("sft_iters", "batch_size", "num_candidates", "pref_iters", "pref_batch_size", "seeds",
-                "eval_contexts", "eval_samples", "vocab_size", "pref_contexts", "toxic_retries", "toxic_copies")
+                "eval_contexts", "eval_samples", "vocab_size", "pref_contexts", "toxic_retries", "toxic_copies",
+                "diag_interval")
     for key in positive:
         if getattr(s, key) < 1:
             raise ConfigError(f"--{key} must be at least 1, got {getattr(s, key)}")
@@ -155,6 +158,11 @@ def check_settings(s):
 
 def stage_list(s):
     return [x.strip() for x in s.stages.split(",") if x.strip()]
+
+
+def loss_list(s):
+    """The DPO baseline, then the losses of --loss."""
+    return list(dict.fromkeys(["dpo"] + [x.strip() for x in s.loss.split(",") if x.strip()]))
 
 
 def get_lr(it, warmup_iters, max_iters, learning_rate, min_lr):
@@ -282,9 +290,16 @@ def build_triplets(s, model, tok, conversations):
         for key, reply in (("chosen", chosen), ("rejected", rejected), ("toxic", toxic[i])):
             triplet.update({key: reply.text, f"{key}_ids": reply.ids, f"{key}_finished": reply.finished})
         triplet.update({"p_chosen": p_w, "p_rejected": p_l, "p_toxic": toxic_prob[i],
+                        "rejected_is_toxic": p_l >= s.toxic_threshold,
                         "toxic_is_toxic": toxic_prob[i] >= s.toxic_threshold})
         triplets.append(triplet)
     return triplets
+
+
+def preference_data(s, tok, path, block_size):
+    """The triplets the preference stage trains on (those with the judge gap of --min_judge_gap), encoded."""
+    triplets = data.select_triplets(data.read_triplets(path), s.min_judge_gap)
+    return triplets, data.encode_triplets(tok, triplets, block_size, s.max_new_tokens)
 
 
 @torch.no_grad()
@@ -317,6 +332,42 @@ def policy_logps(s, policy, enc, idx):
     return {"policy_chosen_logps": chosen, "policy_rejected_logps": rejected, "policy_toxic_logps": toxic}
 
 
+def backward_by_reply(loss, logps, policy, split):
+    """loss.backward(), and where the gradient comes from. L depends on the weights only through the replies'
+    log-probs, so  grad L = sum over replies k of  sum_i dL/d log pi(y_k,i|x_i) * grad log pi(y_k,i|x_i).
+    coef/k: the mean over the batch of dL_i/d log pi(y_k,i|x_i) (< 0: the loss pushes reply k up; > 0: down;
+    for ADPO, -beta s, +beta s and +gamma s with s = sigmoid(-z): on what the three replies share, such as
+    common words and end-of-turn, the net push is -(-beta + beta + gamma) s = -gamma s, down).
+    With split, each reply's part g_k gets its own backward pass (the parts sum to grad L, so the update is
+    the same) and grad/k = |g_k|, grad/toxic_share = |g_t| / sum_k |g_k|, grad/cos_chosen_toxic are logged."""
+    names = [k for k in data.REPLIES if logps[f"policy_{k}_logps"].requires_grad]
+    tensors = [logps[f"policy_{k}_logps"] for k in names]
+    coefs = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    used = [(k, t, c) for k, t, c in zip(names, tensors, coefs) if c is not None]  # DPO ignores the toxic reply
+    metrics = {f"coef/{k}": c.sum().item() for k, _, c in used}  # loss is a batch mean: c = dL_i / B
+    if not split:
+        loss.backward()
+        return metrics
+    params = [p for p in policy.parameters() if p.requires_grad]
+    parts = {}
+    for i, (k, t, c) in enumerate(used):
+        grads = torch.autograd.grad((c.detach() * t).sum(), params, retain_graph=i < len(used) - 1,
+                                    allow_unused=True)
+        parts[k] = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+    total = sum(parts.values())
+    offset = 0
+    for p in params:  # grad L, assembled from its parts
+        p.grad = total[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    norms = {k: g.float().norm().item() for k, g in parts.items()}
+    metrics.update({f"grad/{k}": v for k, v in norms.items()})
+    if "toxic" in parts:
+        metrics["grad/toxic_share"] = norms["toxic"] / max(sum(norms.values()), 1e-12)
+        metrics["grad/cos_chosen_toxic"] = torch.nn.functional.cosine_similarity(
+            parts["chosen"].float(), parts["toxic"].float(), dim=0).item()
+    return metrics
+
+
 def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path):
     # without dropout, whatever the SFT used: the policy's log-probs must equal the reference's at step 0
     policy, _, _ = load_checkpoint(sft_path, s.device, dropout=0.0)
@@ -339,11 +390,11 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path):
         batch_ref = {k: v[idx].to(s.device) for k, v in ref.items()}
         losses = adpo.call_loss(loss_name, {**logps, **batch_ref, **hyper})
         loss = losses.mean()
-        loss.backward()
+        diagnostics = backward_by_reply(loss, logps, policy, split=it % s.diag_interval == 0)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip if s.grad_clip > 0 else 1e9)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": it, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
+        row = {"step": it, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
                **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref,
                                          beta=s.beta, gamma=s.gamma)}
         metrics.append(row)
@@ -375,7 +426,7 @@ def main(argv):
     t_start = time.time()
     s = get_settings(argv)
     stages = stage_list(s)
-    losses = list(dict.fromkeys(["dpo", s.loss]))  # the DPO baseline and the method
+    losses = loss_list(s)  # the DPO baseline and the method(s)
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
 
     # everything that can fail on bad input is checked before the first file is written
@@ -383,12 +434,13 @@ def main(argv):
     if "sft" not in stages and not os.path.isfile(out("sft.pt")):
         raise FileNotFoundError(f"no checkpoint at {out('sft.pt')}; run the sft stage first")
     if "pref" in stages and "triplets" not in stages:
-        data.read_triplets(out("triplets.jsonl"))
+        data.select_triplets(data.read_triplets(out("triplets.jsonl")), s.min_judge_gap)
     counts = {sp: sum(c.split == sp for c in conversations) for sp in data.SPLITS}
     n_toxic = sum(sum(c.toxic) for c in conversations)
     n_turns = sum(len(c.turns) for c in conversations)
-    print(f"corpus: {len(conversations):,} conversations ({counts['sft']:,} sft, {counts['pref']:,} pref, "
-          f"{counts['eval']:,} eval), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
+    print(f"corpus: {len(conversations):,} conversations ("
+          + ", ".join(f"{counts[sp]:,} {sp}" for sp in data.SPLITS)
+          + f"), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
     os.makedirs(s.out_dir, exist_ok=True)
     tok = data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json"))
     stage_seconds = {"data": time.time() - t_start}
@@ -406,9 +458,10 @@ def main(argv):
         t0 = time.time()
         triplets = build_triplets(s, sft_model, tok, conversations)
         write_text(out("triplets.jsonl"), "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets))
-        n_toxic_ok = sum(t["toxic_is_toxic"] for t in triplets)
-        print(f"triplets: {len(triplets)} written to {out('triplets.jsonl')}; the judge calls {n_toxic_ok} "
-              f"of the toxic replies toxic")
+        stats = data.triplet_stats(triplets, s.toxic_threshold)
+        print(f"triplets: {len(triplets)} written to {out('triplets.jsonl')}; the judge calls "
+              f"{stats['rejected_toxic_share']:.0%} of the rejected and {stats['toxic_toxic_share']:.0%} of the "
+              f"toxic replies toxic")
         stage_seconds["triplets"] = time.time() - t0
 
     # 3. DPO and ADPO from the same SFT model, on the same triplets, reference log-probs computed once
@@ -416,16 +469,14 @@ def main(argv):
     curves = {}  # loss -> per-step metrics of the first seed, for curves.png
     if "pref" in stages:
         t0 = time.time()
-        enc = data.encode_triplets(tok, data.read_triplets(out("triplets.jsonl")), sft_model.config.block_size,
-                                   s.max_new_tokens)
+        _, enc = preference_data(s, tok, out("triplets.jsonl"), sft_model.config.block_size)
         ref = reference_logps(s, sft_model, enc)
         for seed in seeds:
             for name in losses:
                 suffix = "" if seed == s.seed else f"_seed{seed}"
                 policy, metrics = train_preference(s, name, out("sft.pt"), enc, ref, seed,
                                                    out(f"metrics_{name}{suffix}.jsonl"))
-                stats = final_pass(s, policy, enc, ref)
-                stats.update(evaluate.stability(metrics))
+                stats = {**final_pass(s, policy, enc, ref), **evaluate.stability(metrics)}
                 save_checkpoint(out(f"{name}{suffix}.pt"), policy, s, {"loss": name, "pref_seed": seed,
                                                                        "stability": stats})
                 if seed == s.seed:
@@ -436,36 +487,38 @@ def main(argv):
     # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seed
     if "eval" in stages:
         t0 = time.time()
-        sets = evaluate.eval_sets(s, conversations)
-        triplets_path = out("triplets.jsonl")
-        enc = data.encode_triplets(tok, data.read_triplets(triplets_path), sft_model.config.block_size,
-                                   s.max_new_tokens) if os.path.isfile(triplets_path) else None
+        sets = evaluate.eval_sets(s, conversations, "eval")
+        triplets, enc = preference_data(s, tok, out("triplets.jsonl"), sft_model.config.block_size) \
+            if os.path.isfile(out("triplets.jsonl")) else ([], None)
         evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # after --stages=sft,eval: none
-        sections = {"sft": [], **{name: [] for name in evaluated}}
+        runs = {"sft": [], **{name: [] for name in evaluated}}
         samples = {}
         for seed in seeds:
-            r, samples["sft"] = evaluate.evaluate(s, sft_model, sft_model, tok, sets, seed, "sft", enc)
+            r, samples["sft"], units = evaluate.evaluate(s, sft_model, sft_model, tok, sets, seed, "sft", enc)
             control, samples["sft_control"] = evaluate.evaluate_sft_control(s, sft_model, tok, sets, seed)
-            sections["sft"].append({**control, **r})
+            runs["sft"].append(({**control, **r}, units))
             for name in evaluated:
                 suffix = "" if seed == s.seed else f"_seed{seed}"
                 policy, _, ckpt = load_checkpoint(out(f"{name}{suffix}.pt"), s.device)
-                r, samples[name] = evaluate.evaluate(s, policy, sft_model, tok, sets, seed, name, enc)
-                sections[name].append({**r, **ckpt.get("stability", {})})
-        report = {name: evaluate.mean_std(runs_) for name, runs_ in sections.items()}
+                r, samples[name], units = evaluate.evaluate(s, policy, sft_model, tok, sets, seed, name, enc)
+                runs[name].append(({**r, **ckpt.get("stability", {})}, units))
+        report = {name: evaluate.summarize(section_runs) for name, section_runs in runs.items()}
+        report["triplets"] = data.triplet_stats(triplets, s.toxic_threshold) if triplets else {}
         report["settings"] = dataclasses.asdict(s)
         stage_seconds["eval"] = time.time() - t0
         report["wall_time_s"] = time.time() - t_start
         report["stage_seconds"] = stage_seconds
-        report["n_triplets"] = len(enc) if enc else 0
         write_text(out("report.json"), json.dumps(report, indent=2) + "\n")
-        table = evaluate.report_table(report, ["sft"] + evaluated)
-        write_text(out("report.md"), f"# ADPO report ({s.preset} preset, {report['wall_time_s'] / 60:.1f} min)\n\n"
-                   f"{table}\n")
+        table = evaluate.report_table(report, list(runs))
+        write_text(out("report.md"), f"# ADPO report ({s.preset} preset, {len(seeds)} seed(s), "
+                   f"{report['wall_time_s'] / 60:.1f} min)\n\n{table}\n\nIntervals: 95% bootstrap over contexts, "
+                   f"seeds pooled. Different only where the intervals separate:\n\n"
+                   f"{evaluate.differences(report, list(runs))}\n")
         readable = {name: {group: [[{"text": x.text, "finished": x.finished} for x in rs] for rs in replies]
                            for group, replies in groups.items()} for name, groups in samples.items()}
-        write_text(out("samples.json"), json.dumps({"contexts": {"adversarial": sets[0], "normal": sets[1]},
-                                                    "replies": readable}, ensure_ascii=False, indent=1) + "\n")
+        contexts = {group: sets[group] for group in evaluate.GROUPS}
+        write_text(out("samples.json"), json.dumps({"contexts": contexts, "replies": readable},
+                                                   ensure_ascii=False, indent=1) + "\n")
         print(table)
     print(f"done in {(time.time() - t_start) / 60:.1f} min; outputs in {s.out_dir}/")
 
