@@ -122,6 +122,42 @@ def call_loss(name, available):
     return fn(**{p: available[p] for p in params if p in available})
 
 
+def backward_by_reply(loss, logps, policy, split):
+    """loss.backward(), and where the gradient comes from. L depends on the weights only through the replies'
+    log-probs, so  grad L = sum over replies k of  sum_i dL/d log pi(y_k,i|x_i) * grad log pi(y_k,i|x_i).
+    coef/k: the mean over the batch of dL_i/d log pi(y_k,i|x_i) (< 0: the loss pushes reply k up; > 0: down;
+    for ADPO, -beta s, +beta s and +gamma s with s = sigmoid(-z): on what the three replies share, such as
+    common words and end-of-turn, the net push is -(-beta + beta + gamma) s = -gamma s, down).
+    With split, each reply's part g_k gets its own backward pass (the parts sum to grad L, so the update is
+    the same) and grad/k = |g_k|, grad/toxic_share = |g_t| / sum_k |g_k|, grad/cos_chosen_toxic are logged."""
+    names = [k for k in ("chosen", "rejected", "toxic") if logps[f"policy_{k}_logps"].requires_grad]
+    tensors = [logps[f"policy_{k}_logps"] for k in names]
+    coefs = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    used = [(k, t, c) for k, t, c in zip(names, tensors, coefs) if c is not None]  # DPO ignores the toxic reply
+    metrics = {f"coef/{k}": c.sum().item() for k, _, c in used}  # loss is a batch mean: c = dL_i / B
+    if not split:
+        loss.backward()
+        return metrics
+    params = [p for p in policy.parameters() if p.requires_grad]
+    parts = {}
+    for i, (k, t, c) in enumerate(used):
+        grads = torch.autograd.grad((c.detach() * t).sum(), params, retain_graph=i < len(used) - 1,
+                                    allow_unused=True)
+        parts[k] = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+    total = sum(parts.values())
+    offset = 0
+    for p in params:  # grad L, assembled from its parts
+        p.grad = total[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    norms = {k: g.float().norm().item() for k, g in parts.items()}
+    metrics.update({f"grad/{k}": v for k, v in norms.items()})
+    if "toxic" in parts:
+        metrics["grad/toxic_share"] = norms["toxic"] / max(sum(norms.values()), 1e-12)
+        metrics["grad/cos_chosen_toxic"] = F.cosine_similarity(
+            parts["chosen"].float(), parts["toxic"].float(), dim=0).item()
+    return metrics
+
+
 def preference_metrics(policy_chosen_logps, policy_rejected_logps, policy_toxic_logps, ref_chosen_logps,
                        ref_rejected_logps, toxic_model_toxic_logps, ref_toxic_logps=None, beta=0.1, gamma=0.1):
     """The numbers DPO practitioners read (TRL's names), plus the toxic reply's. All detached floats.

@@ -230,7 +230,7 @@ def stability(metrics, window=20):
     """From the per-step log: the largest fall of log pi(y_w|x) below the SFT model's (h_w on each step's
     batch, so batch-to-batch variation cancels), the largest gradient norm, the loss spikes (steps whose
     loss exceeds 3 times the median of the previous `window` steps), and the mean share of the gradient that
-    comes from the toxic reply (train.backward_by_reply)."""
+    comes from the toxic reply (adpo.backward_by_reply)."""
     recent, spikes = deque(maxlen=window), 0
     for m in metrics:
         if len(recent) >= 5 and m["loss"] > 3 * float(np.median(recent)):

@@ -763,7 +763,7 @@ def test_gradient_split_by_reply_sums_to_the_gradient(tok, name):
         model.zero_grad(set_to_none=True)
         logps_ = train.policy_logps(s, model, enc, range(len(enc)))
         loss = adpo.call_loss(name, {**logps_, **ref, **hyper}).mean()
-        metrics = train.backward_by_reply(loss, logps_, model, split)
+        metrics = adpo.backward_by_reply(loss, logps_, model, split)
         return torch.cat([p.grad.flatten() for p in model.parameters()]), metrics, logps_
 
     plain, plain_metrics, _ = gradient(False)
