@@ -181,14 +181,40 @@ def load_tokenizer(path):
     return _plain_text_only(Tokenizer.from_file(path))
 
 
-def get_tokenizer(conversations, vocab_size, path):
-    """The tokenizer at path if it is there with this vocabulary size; else train one on the sft split only."""
-    if os.path.exists(path):
-        tok = load_tokenizer(path)
-        if tok.get_vocab_size() == vocab_size:
-            return tok
-    texts = [t for c in conversations if c.split == "sft" for t in c.turns]
-    tok = train_tokenizer(texts, vocab_size)
+def gpt2_tokenizer(folder):
+    """GPT-2's byte-level BPE (folder/tokenizer.json) with our four special tokens at ids 0, 1, 2, 3: GPT-2's
+    own <|endoftext|> becomes our ENDOFTEXT, the other GPT-2 tokens follow in GPT-2's order from id 4. The
+    merges are GPT-2's, so a text splits into the same tokens as in GPT-2; only the ids move, and the model's
+    embedding rows move with them (model.GPT.from_gpt2 matches them by token)."""
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        vocab = spec["model"]["vocab"]
+        assert spec["model"]["type"] == "BPE" and isinstance(vocab, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise DataError(f"{path}: not a BPE tokenizer.json (the Hugging Face tokenizers format)") from None
+    gpt2_tokens = [t for t in sorted(vocab, key=vocab.get) if t not in SPECIAL_TOKENS]
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(SPECIAL_TOKENS + gpt2_tokens)}
+    spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)]
+    spec["truncation"] = spec["padding"] = None  # one turn at a time, never cut or padded by the tokenizer
+    from tokenizers import Tokenizer
+    return _plain_text_only(Tokenizer.from_str(json.dumps(spec)))
+
+
+def get_tokenizer(conversations, vocab_size, path, init_from=""):
+    """The tokenizer at path if it is there with this vocabulary size; else train one on the sft split only.
+    With init_from (a GPT-2 folder): GPT-2's, with our special tokens, whatever is at path (a tokenizer
+    trained on the corpus would not match GPT-2's embedding)."""
+    if init_from:
+        tok = gpt2_tokenizer(init_from)
+    else:
+        if os.path.exists(path):
+            tok = load_tokenizer(path)
+            if tok.get_vocab_size() == vocab_size:
+                return tok
+        tok = train_tokenizer([t for c in conversations if c.split == "sft" for t in c.turns], vocab_size)
     tmp = path + ".tmp"
     tok.save(tmp)
     os.replace(tmp, path)

@@ -32,9 +32,10 @@ from sample import load_checkpoint
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
 # settings that shape sft.pt or the triplets: a sweep reuses those, so it cannot vary them
 FIXED = {"preset", "out_dir", "stages", "seed", "device", "data", "max_conversations", "toxic_threshold",
-         "vocab_size", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size", "dropout",
-         "bias", "sft_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay", "grad_clip",
-         "eval_interval", "eval_iters", "pref_contexts", "num_candidates", "toxic_retries", "seeds", "max_new_tokens"}
+         "vocab_size", "init_from", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size",
+         "dropout", "bias", "sft_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
+         "grad_clip", "eval_interval", "eval_iters", "pref_contexts", "num_candidates", "toxic_retries", "seeds",
+         "max_new_tokens"}
 LOSS_HYPERPARAMETERS = ("beta", "gamma", "eps")
 GOAL_PPL_RATIO = 1.15  # the goal: toxicity no higher than DPO's, perplexity within 15% of SFT's
 

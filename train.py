@@ -32,14 +32,14 @@ import data
 import evaluate
 from configurator import ConfigError, apply_overrides, parse_overrides
 from data import DataError
-from model import GPT, GPTConfig, autocast
+from model import GPT, CheckpointError, GPTConfig, autocast, gpt2_config
 from sample import load_checkpoint, sample_replies, sampling_settings
 
 
 @dataclass
 class Settings:
     # run
-    preset: str = ""  # tiny | cpu | gpu; empty: gpu when CUDA is present, else cpu
+    preset: str = ""  # tiny | cpu | gpu | gpt2; empty: gpu when CUDA is present, else cpu
     out_dir: str = "out"  # everything a run writes goes here
     stages: str = "sft,triplets,pref,eval"  # the stages to run, in this order
     seed: int = 1337
@@ -52,6 +52,7 @@ class Settings:
     context_turns: int = 2  # turns of context before a reply
     toxic_copies: int = 7  # times each toxic turn is shown behind [TOXIC] (after its context) in SFT
     # model
+    init_from: str = ""  # a GPT-2 folder to start SFT from (empty: from scratch); sets the model and vocabulary
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 192
@@ -112,6 +113,10 @@ PRESETS = {
                 max_new_tokens=48, sample_batch_size=512, pref_contexts=4096, num_candidates=8, toxic_retries=4,
                 pref_iters=128, pref_batch_size=64, pref_warmup_iters=10, seeds=3,
                 eval_contexts=256, eval_samples=8, ppl_replies=4000),
+    # one 24 GB GPU, from a pretrained GPT-2 (--init_from, README): the gpu preset's data, gentler learning rates
+    "gpt2": dict(block_size=256, dropout=0.1, sft_iters=800, batch_size=32, learning_rate=1e-4, min_lr=1e-5,
+                 warmup_iters=100, toxic_copies=5, max_new_tokens=48, sample_batch_size=128, pref_contexts=4096,
+                 num_candidates=8, toxic_retries=4, pref_iters=128, pref_batch_size=32, pref_lr=1e-5, seeds=3),
 }
 
 STAGES = ("sft", "triplets", "pref", "eval")
@@ -131,6 +136,8 @@ def get_settings(argv):
 
 
 def check_settings(s):
+    if s.preset == "gpt2" and not s.init_from:
+        raise ConfigError("--preset=gpt2 needs --init_from=DIR, a GPT-2 folder (README: Starting from GPT-2)")
     bad_stages = [x for x in stage_list(s) if x not in STAGES]
     if bad_stages:
         raise ConfigError(f"unknown stage {bad_stages[0]!r}; valid stages: {', '.join(STAGES)}")
@@ -201,7 +208,8 @@ def train_sft(s, tok, conversations):
     val_stream = data.sft_stream(tok, conversations, "eval", 1, s.context_turns)
     config = GPTConfig(block_size=s.block_size, vocab_size=tok.get_vocab_size(), n_layer=s.n_layer,
                        n_head=s.n_head, n_embd=s.n_embd, dropout=s.dropout, bias=s.bias)
-    model = GPT(config).to(s.device)
+    model = GPT.from_gpt2(s.init_from, s.block_size, tok.get_vocab(), s.dropout) if s.init_from else GPT(config)
+    model = model.to(s.device)
     optimizer = model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), s.device)
     print(f"sft: {model.get_num_params() / 1e6:.2f}M parameters, {len(train_stream[0]):,} training tokens "
           f"({int((train_stream[0] == data.TOXIC_ID).sum()):,} toxic turns behind [TOXIC], copies included), "
@@ -394,6 +402,8 @@ def main(argv):
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
 
     # everything that can fail on bad input is checked before the first file is written
+    if s.init_from and "sft" in stages:
+        gpt2_config(s.init_from, s.block_size)
     conversations = data.load_corpus(s.data or None, s.toxic_threshold, s.max_conversations)
     if "sft" not in stages and not os.path.isfile(out("sft.pt")):
         raise FileNotFoundError(f"no checkpoint at {out('sft.pt')}; run the sft stage first")
@@ -406,12 +416,12 @@ def main(argv):
           + ", ".join(f"{counts[sp]:,} {sp}" for sp in data.SPLITS)
           + f"), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
     os.makedirs(s.out_dir, exist_ok=True)
-    tok = data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json"))
     stage_seconds = {"data": time.time() - t_start}
 
     # 1. SFT: the dialogue model, and with [TOXIC] the inner toxic model
-    if "sft" in stages:
+    if "sft" in stages:  # the later stages take the tokenizer sft.pt names, never a new one
         t0 = time.time()
+        tok = data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json"), s.init_from)
         sft_model = train_sft(s, tok, conversations)
         save_checkpoint(out("sft.pt"), sft_model, s)
         stage_seconds["sft"] = time.time() - t0
@@ -490,5 +500,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
