@@ -272,6 +272,44 @@ class GPT(nn.Module):
         return out
 
 
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, vocab). temperature 0 means argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # top_k over the vocabulary keeps everything
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing on CPU. Log-probs are still taken in float32 (adpo.token_logps casts)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+
+
+# bf16 dense peak flops, for MFU; the device name is torch.cuda.get_device_name()
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device_name=None):
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, flops in PEAK_FLOPS.items():
+        if key in device_name:
+            return flops
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # a pretrained GPT-2 in the Hugging Face layout
 
@@ -327,6 +365,7 @@ def gpt2_config(folder, block_size):
         if shapes.get(key) != shape:
             found = "no such tensor" if key not in shapes else f"shape {shapes[key]}"
             raise CheckpointError(f"{path}: {key}: {found}, config.json implies {shape}")
+    # lm_head.weight, when a file has it, is wte again: GPT-2 ties them
     extra = [k for k in shapes if k not in expected and k != "lm_head.weight" and not k.endswith(NOT_WEIGHTS)]
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}: not a GPT-2 language model")
@@ -352,41 +391,3 @@ def read_json(path):
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return obj
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (B, vocab). temperature 0 means argmax."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # top_k over the vocabulary keeps everything
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA, nothing on CPU. Log-probs are still taken in float32 (adpo.token_logps casts)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
-
-
-# bf16 dense peak flops, for MFU; the device name is torch.cuda.get_device_name()
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12, "4090": 165e12}
-
-
-def peak_flops(device_name=None):
-    if device_name is None:
-        if not torch.cuda.is_available():
-            return None
-        device_name = torch.cuda.get_device_name()
-    for key, flops in PEAK_FLOPS.items():
-        if key in device_name:
-            return flops
-    return None
