@@ -191,7 +191,7 @@ def gpt2_tokenizer(folder):
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
         vocab = spec["model"]["vocab"]
-        assert spec["model"]["type"] == "BPE" and isinstance(vocab, dict)
+        assert spec["model"].get("type", "BPE") == "BPE" and isinstance(vocab, dict)
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise DataError(f"{path}: not a BPE tokenizer.json (the Hugging Face tokenizers format)") from None
     gpt2_tokens = [t for t in sorted(vocab, key=vocab.get) if t not in SPECIAL_TOKENS]

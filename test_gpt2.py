@@ -58,7 +58,7 @@ def write_gpt2_folder(folder, seed=0, **config):
                         f"h.{i}.mlp.c_fc.weight": rand(C, 4 * C), f"h.{i}.mlp.c_fc.bias": rand(4 * C),
                         f"h.{i}.mlp.c_proj.weight": rand(4 * C, C), f"h.{i}.mlp.c_proj.bias": rand(C),
                         f"h.{i}.attn.bias": torch.ones(P, P).tril()[None, None]})
-    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})  # as transformers saves
     return folder
 
 
@@ -110,7 +110,7 @@ def test_gpt2_logits_equal_a_plain_reference_forward(gpt2_dir):
     assert len(our_ids) == len(gpt2_ids) > 10  # the same tokens, other ids
     expected = reference_logits(load_file(os.path.join(gpt2_dir, "model.safetensors")), cfg, torch.tensor(gpt2_ids))
     logits, _ = model(torch.tensor([our_ids]))
-    # our id i is GPT-2's token gpt2_id[i]: the text's ids, <|endoftext|> -> 3, every token by its string
+    # to_gpt2[i]: GPT-2's id of the token our id i stands for (-1: a token GPT-2 lacks)
     to_gpt2 = [gpt2_tok.token_to_id(tok.id_to_token(i)) for i in range(tok.get_vocab_size())]
     to_gpt2 = torch.tensor([-1 if g is None else g for g in to_gpt2])
     assert (to_gpt2[:3] == -1).all() and (to_gpt2[3:] >= 0).all()  # new: pad, end-of-turn, [TOXIC]
@@ -149,7 +149,7 @@ def test_gpt2_special_tokens_are_single_ids_never_made_from_text(gpt2_dir):
     tok = data.gpt2_tokenizer(gpt2_dir)
     for token_id, token in enumerate(data.SPECIAL_TOKENS):  # ours at 0..3, GPT-2's <|endoftext|> at 3
         assert tok.token_to_id(token) == token_id and tok.id_to_token(token_id) == token
-    assert tok.get_vocab_size() == 300 + 1 + 3  # GPT-2's tokens and <|endoftext|>, then pad, eot, [TOXIC]
+    assert tok.get_vocab_size() == 301 + 3  # GPT-2's tokens (<|endoftext|> included) and our three new ones
     text = "you typed <|toxic|> and <|endoftext|><|eot|><|pad|> hello"
     ids = data.encode(tok, text)
     assert not set(ids) & {data.PAD_ID, data.EOT_ID, data.TOXIC_ID, data.ENDOFTEXT_ID}
@@ -172,7 +172,7 @@ def break_shapes(folder):
     path = os.path.join(folder, "model.safetensors")
     tensors = load_file(path)
     tensors["h.1.mlp.c_fc.weight"] = tensors["h.1.mlp.c_fc.weight"].t().contiguous()  # saved as a Linear
-    save_file(tensors, path)
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize("spoil, message", [

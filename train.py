@@ -136,7 +136,7 @@ def get_settings(argv):
 
 
 def check_settings(s):
-    if s.preset == "gpt2" and not s.init_from:
+    if s.preset == "gpt2" and not s.init_from and "sft" in stage_list(s):
         raise ConfigError("--preset=gpt2 needs --init_from=DIR, a GPT-2 folder (README: Starting from GPT-2)")
     bad_stages = [x for x in stage_list(s) if x not in STAGES]
     if bad_stages:
