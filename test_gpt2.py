@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import data
 import evaluate
+import train
+from configurator import ConfigError
 from model import GPT, CheckpointError, gpt2_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -179,21 +181,24 @@ def break_shapes(folder):
     (lambda folder: os.remove(os.path.join(folder, "tokenizer.json")), "no tokenizer.json (a GPT-2 folder holds"),
     (break_config, "config.json: model_type is 'llama', not 'gpt2'"),
     (break_shapes, "model.safetensors: h.1.mlp.c_fc.weight: shape (128, 32), config.json implies (32, 128)"),
-    (None, "--preset=gpt2 needs --init_from=DIR"),
 ])
-def test_bad_gpt2_folder_stops_with_one_line(gpt2_dir, tmp_path, spoil, message):
+def test_bad_gpt2_folder_is_a_one_line_error(gpt2_dir, tmp_path, spoil, message):
     folder = shutil.copytree(gpt2_dir, tmp_path / "gpt2")
+    spoil(folder)
+    with pytest.raises(CheckpointError) as error:
+        gpt2_config(folder, 64)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bad_gpt2_folder_stops_train_py_before_it_writes(gpt2_dir, tmp_path):
+    folder = shutil.copytree(gpt2_dir, tmp_path / "gpt2")
+    break_shapes(folder)
     out_dir = tmp_path / "out"
-    if spoil is None:
-        result = run_train("--preset=gpt2", f"--out_dir={out_dir}")
-    else:
-        spoil(folder)
-        with pytest.raises(CheckpointError, match="not 'gpt2'|no tokenizer|implies"):
-            gpt2_config(folder, 64)
-        result = run_train("--preset=tiny", f"--init_from={folder}", f"--out_dir={out_dir}")
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
-    assert result.stderr.startswith("error: ") and not out_dir.exists()  # nothing written
+    result = run_train("--preset=tiny", f"--init_from={folder}", f"--out_dir={out_dir}")
+    assert result.returncode != 0 and result.stderr.startswith("error: ") and "c_fc.weight" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out_dir.exists()  # one line, nothing written
+    with pytest.raises(ConfigError, match="--preset=gpt2 needs --init_from=DIR"):
+        train.get_settings(["--preset=gpt2"])
 
 
 def test_train_from_a_gpt2_folder_end_to_end(gpt2_dir, tmp_path):
