@@ -44,7 +44,7 @@ def write_gpt2_folder(folder, seed=0, **config):
     with open(os.path.join(folder, "tokenizer.json"), "w") as f:
         json.dump(spec, f)
 
-    cfg = dict(CONFIG, vocab_size=tok.get_vocab_size(), **config)
+    cfg = {**CONFIG, "vocab_size": tok.get_vocab_size(), **config}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     C, V, P = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"]
