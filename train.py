@@ -116,7 +116,8 @@ PRESETS = {
     # one 24 GB GPU, from a pretrained GPT-2 (--init_from, README): the gpu preset's data, gentler learning rates
     "gpt2": dict(block_size=256, dropout=0.1, sft_iters=800, batch_size=32, learning_rate=1e-4, min_lr=1e-5,
                  warmup_iters=100, toxic_copies=5, max_new_tokens=48, sample_batch_size=64, pref_contexts=4096,
-                 num_candidates=8, toxic_retries=4, pref_iters=128, pref_batch_size=32, pref_lr=1e-5, seeds=3),
+                 num_candidates=8, toxic_retries=4, pref_iters=128, pref_batch_size=32, pref_lr=1e-5, seeds=3,
+                 eval_contexts=256, eval_samples=8, ppl_replies=4000),
 }
 
 STAGES = ("sft", "triplets", "pref", "eval")
