@@ -10,17 +10,21 @@ torchrun the world is one process, and every helper here returns its input uncha
 """
 
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from configurator import ConfigError
+
 
 def setup(device):
     """Join the process group when started by torchrun (nccl on CUDA, gloo on CPU) and return this process's
     device: cuda:LOCAL_RANK under torchrun on CUDA, else `device`. On CUDA also allow TF32 for the float32
-    matmuls that autocast leaves in float32 (a free speed-up on Ampere and later)."""
+    matmuls that autocast leaves in float32 (a free speed-up on Ampere and later). Ranks other than 0 print
+    nothing (rank 0 prints for all; errors still reach stderr)."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -29,6 +33,8 @@ def setup(device):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)  # nccl (and all_gather_object) use the current device
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if not is_main():
+            sys.stdout = open(os.devnull, "w")
     return device
 
 
@@ -54,6 +60,25 @@ def barrier():
     """Wait for every process (after rank 0 wrote a file the others read next)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def main_first(fn):
+    """fn() on rank 0 first (it may write a file, such as the tokenizer), then on the others (which find it)."""
+    if not is_main():
+        barrier()
+    result = fn()
+    if is_main():
+        barrier()
+    return result
+
+
+def check_batches(batch_size, grad_accum, pref_batch_size):
+    """Under torchrun (WORLD_SIZE processes, read before joining them): every process needs at least one
+    window per piece, and an equal share of the triplets (the step's metrics average the shares' means)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size < world * grad_accum or pref_batch_size % world:
+        raise ConfigError(f"with {world} processes --batch_size needs at least {world} x --grad_accum windows "
+                          f"and --pref_batch_size a multiple of {world}")
 
 
 def split(items, this_rank=None, world=None):

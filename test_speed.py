@@ -54,6 +54,15 @@ def test_split_and_gather_keep_every_item_once_in_order():
     assert distributed.split(items) == items and distributed.gather(items) == items  # one process: unchanged
 
 
+def test_batches_must_split_over_the_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.check_batches(batch_size=4, grad_accum=2, pref_batch_size=8)
+    with pytest.raises(ConfigError, match="with 2 processes"):
+        distributed.check_batches(batch_size=3, grad_accum=2, pref_batch_size=8)  # a piece without a window
+    with pytest.raises(ConfigError, match="with 2 processes"):
+        distributed.check_batches(batch_size=4, grad_accum=1, pref_batch_size=7)  # unequal shares of triplets
+
+
 def test_micro_batches_give_the_gradient_of_the_global_mean():
     """grad_accum pieces with unequal numbers of target tokens sum to the whole batch's gradient."""
     model = tiny_gpt().train()

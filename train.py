@@ -159,10 +159,7 @@ def check_settings(s):
     for key in positive:
         if getattr(s, key) < 1:
             raise ConfigError(f"--{key} must be at least 1, got {getattr(s, key)}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes under torchrun
-    if s.batch_size < world * s.grad_accum or s.pref_batch_size % world:
-        raise ConfigError(f"with {world} processes --batch_size needs at least {world} x --grad_accum windows "
-                          f"and --pref_batch_size a multiple of {world}")
+    distributed.check_batches(s.batch_size, s.grad_accum, s.pref_batch_size)  # under torchrun
 
 
 def stage_list(s):
@@ -218,8 +215,8 @@ def train_sft(s, tok, conversations):
           f"({int((train_stream[0] == data.TOXIC_ID).sum()):,} toxic turns behind [TOXIC], copies included), "
           f"{len(val_stream[0]):,} validation tokens")
     rows = s.batch_size // distributed.world_size() // s.grad_accum  # per forward pass
-    model = compile_model(raw_model, (rows, s.block_size), s.device) if s.compile else raw_model
-    model = distributed.wrap(model, s.device)  # DistributedDataParallel under torchrun
+    model = distributed.wrap(compile_model(raw_model, (rows, s.block_size), s.device) if s.compile else raw_model,
+                             s.device)  # DistributedDataParallel under torchrun
     generator = torch.Generator().manual_seed(s.seed)  # the same global batches in every process
 
     @torch.no_grad()
@@ -414,8 +411,6 @@ def main(argv):
     t_start = time.time()
     s = get_settings(argv)
     s = dataclasses.replace(s, device=distributed.setup(s.device))  # under torchrun: join the processes
-    if not distributed.is_main():
-        sys.stdout = open(os.devnull, "w")  # rank 0 prints for all
     stages = stage_list(s)
     losses = loss_list(s)  # the DPO baseline and the method(s)
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
@@ -433,10 +428,7 @@ def main(argv):
           + ", ".join(f"{counts[sp]:,} {sp}" for sp in data.SPLITS)
           + f"), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
     os.makedirs(s.out_dir, exist_ok=True)
-    if distributed.is_main():  # rank 0 trains the tokenizer (or finds it), then the others load it
-        data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json"))
-    distributed.barrier()
-    tok = data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json"))
+    tok = distributed.main_first(lambda: data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json")))
     stage_seconds = {"data": time.time() - t_start}
 
     # 1. SFT: the dialogue model, and with [TOXIC] the inner toxic model
