@@ -79,7 +79,8 @@ def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature
     flat = distributed.split([p for p in prompts for _ in range(num_samples)])
     generator = torch.Generator(device=device).manual_seed(seed + 1_000_003 * distributed.rank())
     replies = []
-    bar = tqdm(total=len(flat), desc=progress, unit="reply", leave=False, disable=progress is None)
+    bar = tqdm(total=len(flat), desc=progress, unit="reply", leave=False,
+               disable=progress is None or not distributed.is_main())
     for i in range(0, len(flat), batch_size):
         with autocast(device):
             out = model.generate(flat[i:i + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
