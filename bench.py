@@ -42,7 +42,7 @@ class BenchSettings:
     vocab_size: int = 8192
     # sft
     batch_size: int = 128  # windows per step
-    steps: int = 20  # timed steps of each measurement, after the warmup
+    steps: int = 20  # steps in a row per timing (SFT and preference), median of 3 such timings
     warmup: int = 5  # untimed steps first (compilation, the allocator, the kernels' first launches)
     # sampling
     sample_batch: int = 64
@@ -75,29 +75,31 @@ def get_settings(argv):
     return b
 
 
-def seconds(fn, device):
-    """Wall time of one call of fn(). CUDA runs asynchronously: the clock is read after
-    torch.cuda.synchronize(), so the time is the GPU's work, not the launches'."""
+def seconds(fn, device, repeat=1):
+    """Wall time of one call of fn(), from `repeat` calls in a row. CUDA runs asynchronously: the clock is
+    read after torch.cuda.synchronize(), so the time is the GPU's work; in between, the CPU queues the next
+    call while the GPU works, as in training, so the launches' overhead is hidden as it is there."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    fn()
+    for _ in range(repeat):
+        fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / repeat
 
 
-def seconds_per_call(fns, calls, warmup, device):
-    """The median time of each of fns over `calls` calls, after `warmup` untimed ones (compilation, the
-    allocator, the kernels' first launches). The fns take turns, so that a slow moment of a shared machine
-    falls on each alike, and the median ignores such moments."""
+def seconds_per_call(fns, rounds, warmup, device, repeat=1):
+    """The median time per call of each of fns over `rounds` rounds of `repeat` calls, after `warmup`
+    untimed calls (compilation, the allocator, the kernels' first launches). The fns take turns, round by
+    round, so that a slow moment of a shared machine falls on each alike, and the median ignores it."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     times = [[] for _ in fns]
-    for _ in range(calls):
+    for _ in range(rounds):
         for fn, t in zip(fns, times):
-            t.append(seconds(fn, device))
+            t.append(seconds(fn, device, repeat))
     return [statistics.median(t) for t in times]
 
 
@@ -126,7 +128,7 @@ def bench_sft(b, compiled):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    dt, = seconds_per_call([step], b.steps, b.warmup, b.device)
+    dt, = seconds_per_call([step], 3, b.warmup, b.device, repeat=b.steps)
     tokens = b.batch_size * b.block_size
     mfu = model.estimate_mfu(tokens, dt) if b.device.startswith("cuda") else None
     return {"tokens_per_s": tokens / dt, "mfu": mfu, "step_s": dt}
@@ -173,7 +175,8 @@ def bench_pref(b):
         optimizer.zero_grad(set_to_none=True)
 
     dpo, adpo_s = seconds_per_call([lambda: step("dpo", ("chosen", "rejected")),
-                                    lambda: step("adpo", ("chosen", "rejected", "toxic"))], b.steps, b.warmup, b.device)
+                                    lambda: step("adpo", ("chosen", "rejected", "toxic"))], 3, b.warmup, b.device,
+                                   repeat=b.steps)
     return {"dpo_step_s": dpo, "adpo_step_s": adpo_s, "adpo_over_dpo": adpo_s / dpo}
 
 
@@ -205,8 +208,7 @@ def table(r):
 def main(argv):
     b = get_settings(argv)
     if b.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py (distributed.setup)
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32, as train.py (distributed.setup)
     print(f"bench on {device_name(b.device)}, torch {torch.__version__}: {b.n_layer} layers x {b.n_embd}, "
           f"block {b.block_size}, vocab {b.vocab_size}; SFT batch {b.batch_size}; sampling batch {b.sample_batch}, "
           f"prompt {b.prompt_len}, {b.new_tokens} new tokens; preference batch {b.pref_batch_size}")

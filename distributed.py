@@ -26,8 +26,7 @@ def setup(device):
     matmuls that autocast leaves in float32 (a free speed-up on Ampere and later). Ranks other than 0 print
     nothing (rank 0 prints for all; errors still reach stderr)."""
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
