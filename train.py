@@ -378,7 +378,7 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip if s.grad_clip > 0 else 1e9)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": it, **distributed.mean_over_processes({  # each a mean over the rows (grad/*: about)
+        row = {"step": it, **distributed.mean_over_processes({  # the global batch's (grad/*: norms averaged)
             "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
             **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref, beta=s.beta,
                                       gamma=s.gamma)})}
