@@ -248,7 +248,7 @@ def train_sft(s, tok, conversations):
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if (it + 1) % s.log_interval == 0 or it + 1 == s.sft_iters:  # the mean loss since the last log
+        if (it + 1) % s.log_interval == 0 or (it + 1) % s.eval_interval == 0 or it + 1 == s.sft_iters:
             steps, dt, t0 = it + 1 - (curve[-1]["step"] if curve else 0), time.time() - t0, time.time()
             train_loss, loss_sum = distributed.sum_over_processes(float(loss_sum)) / steps, 0.0
             curve.append({"step": it + 1, "loss": train_loss, "lr": lr, "tok_s": tokens_per_iter * steps / dt})
