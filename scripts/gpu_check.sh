@@ -42,17 +42,23 @@ python bench.py --out="$OUT/bench.json" $BENCH_ARGS | tee "$OUT/bench.txt"
 
 # 3. the whole pipeline on the preset, timed (progress bars go to train.log, not the screen)
 start=$(date +%s)
+launch=(python)
 if [ "$NPROC" -gt 1 ]; then
-    torchrun --standalone --nproc_per_node="$NPROC" train.py --preset="$PRESET" --out_dir="$OUT/run" > "$OUT/train.log" 2>&1
-else
-    python train.py --preset="$PRESET" --out_dir="$OUT/run" > "$OUT/train.log" 2>&1
+    launch=(torchrun --standalone --nproc_per_node="$NPROC")
 fi
+status=0
+"${launch[@]}" train.py --preset="$PRESET" --out_dir="$OUT/run" > "$OUT/train.log" 2>&1 || status=$?
 seconds=$(( $(date +%s) - start ))
 
 echo
 echo "== bench ($OUT/bench.json) =="
 cat "$OUT/bench.txt"
 echo
-echo "== the $PRESET preset on $NPROC process(es): ${seconds} s ($OUT/run/report.md) =="
+echo "== the $PRESET preset on $NPROC process(es): ${seconds} s, exit status $status ($OUT/train.log) =="
+if [ "$status" -ne 0 ]; then
+    tr '\r' '\n' < "$OUT/train.log" | tail -30
+    exit "$status"
+fi
 cat "$OUT/run/report.md"
-tr '\r' '\n' < "$OUT/train.log" | grep -a -E "^(sft step|triplets: [0-9]|done in)" || true
+tr '\r' '\n' < "$OUT/train.log" |
+    grep -a -o -E "(sft step [0-9]+: train loss [0-9.]+, val loss [0-9.]+|triplets: [0-9]+ written.*|done in .*)" || true
