@@ -283,6 +283,14 @@ def get_sft_batch(stream, batch_size, block_size, generator=None):
     return x, y
 
 
+def to_device(batch, device):
+    """A host batch on the device. On CUDA it is copied from pinned (page-locked) memory with non_blocking:
+    the copy runs in the background and the CPU goes on to the next step instead of waiting for it."""
+    if str(device).startswith("cuda"):
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # (context, response) examples: for sampling, triplets and evaluation
 

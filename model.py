@@ -36,19 +36,21 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer, preallocated for the whole generation: (L, B, nh, max_len, hs)."""
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config, batch_size, max_len):
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = self.v = None  # allocated at the first keys, in their dtype: bf16 under autocast (half of fp32)
         self.pos = 0  # how many positions are filled
 
     def update(self, layer, k, v):
-        """Store this step's k, v (B, nh, T, hs) and return all keys and values so far."""
+        """Store this step's k, v (B, nh, T, hs) at positions pos..pos+T-1 and return the whole cache
+        (B, nh, max_len, hs). The positions not filled yet hold zeros that the attention mask hides; one fixed
+        shape at every step is what lets the decode step be compiled or captured as a CUDA graph."""
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
         T = k.size(2)
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -69,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = positions so far
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = the cache's length
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is None:  # training path: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -192,7 +194,7 @@ class GPT(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        fused = str(device_type).startswith("cuda") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def estimate_mfu(self, tokens_per_iter, dt, device_name=None):
@@ -206,11 +208,15 @@ class GPT(nn.Module):
         flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
         return flops_per_token * tokens_per_iter / dt / peak
 
-    def _forward_sampling(self, idx, positions, attn_mask, kv_cache=None):
-        """Sampling path: explicit positions (B, T) and mask (B, 1, T, S); returns logits (B, T, vocab)."""
+    def _forward_sampling(self, idx, positions, attn_mask, kv_cache=None, last_only=False):
+        """Sampling path: explicit positions (B, T) and mask (B, 1, T, S); returns logits (B, T, vocab), or
+        with last_only the last position's (B, 1, vocab): sampling needs no other, and the output layer over
+        a whole prompt is the largest tensor of the prefill (gpu preset: 512 x 208 x 8192 floats, 3.5 GB)."""
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         for i, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, kv_cache, i)
+        if last_only:
+            x = x[:, -1:, :]
         return self.lm_head(self.transformer.ln_f(x))
 
     @torch.no_grad()
@@ -244,7 +250,7 @@ class GPT(nn.Module):
         mask = (causal[None] & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)[None]
         mask = mask[:, None]  # (B, 1, total, total)
 
-        kv_cache = KVCache(self.config, B, total, device, self.lm_head.weight.dtype) if use_cache else None
+        kv_cache = KVCache(self.config, B, total) if use_cache else None
         finished = [False] * B
         out = [[] for _ in range(B)]
         step_logits = []
@@ -252,10 +258,11 @@ class GPT(nn.Module):
             if use_cache:
                 start = 0 if kv_cache.pos == 0 else t - 1  # first step: the whole prompt; then one token
                 logits = self._forward_sampling(tokens[:, start:t], positions[:, start:t],
-                                                mask[:, :, start:t, :t], kv_cache)
+                                                mask[:, :, start:t, :], kv_cache, last_only=True)
                 kv_cache.pos = t
             else:  # the whole sequence again, every step: slow, and the reference the cache must match
-                logits = self._forward_sampling(tokens[:, :t], positions[:, :t], mask[:, :, :t, :t])
+                logits = self._forward_sampling(tokens[:, :t], positions[:, :t], mask[:, :, :t, :t],
+                                                last_only=True)
             logits = logits[:, -1, :].float()  # (B, vocab)
             if return_logits:
                 step_logits.append(logits)
@@ -293,6 +300,24 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 def autocast(device):
     """bf16 autocast on CUDA, nothing on CPU. Log-probs are still taken in float32 (adpo.token_logps casts)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+
+
+def compile_model(model, batch_shape, device):
+    """torch.compile(model) for training, or the model as it is, with a one-line warning, when compiling
+    fails (no compiler, an unsupported GPU, an old torch). Compilation happens at the first call, so one
+    forward and backward on a (B, T) batch of zeros, under autocast as training runs, is where it fails."""
+    try:
+        compiled = torch.compile(model)
+        idx = torch.zeros(batch_shape, dtype=torch.long, device=device)
+        with autocast(device):
+            _, loss = compiled(idx, idx)
+        loss.backward()
+    except Exception as e:  # noqa: BLE001 -- whatever the compiler's failure, training goes on eager
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); training without it")
+        compiled = model
+    model.zero_grad(set_to_none=True)  # the example's gradients are no training step
+    return compiled
 
 
 # bf16 dense peak flops, for MFU; the device name is torch.cuda.get_device_name()

@@ -16,9 +16,10 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm import tqdm
 
+import distributed
 from configurator import ConfigError, apply_overrides, parse_overrides
 from data import EOT_ID, PAD_ID, context_ids, decode, load_tokenizer
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, autocast
 
 
 @dataclass
@@ -70,21 +71,26 @@ def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature
     """Sample num_samples replies for each context (a list of turns). With toxic=True the control token comes
     after the context, so the reply is the inner toxic model's. A reply ends at end-of-turn (finished) or after
     max_new_tokens (not finished). Returns a list (one per context) of lists of num_samples Replies. The same
-    seed gives the same replies; the contexts are batched together whatever their lengths."""
+    seed gives the same replies; the contexts are batched together whatever their lengths. Under torchrun
+    each process samples its share of the rows (rank 0 with the single-process random stream, the others
+    with their own) and every process gets all the replies back, in order. On CUDA in bf16 (autocast)."""
     device = model.lm_head.weight.device
     prompts = [prompt_ids(model, tok, ctx, toxic, max_new_tokens) for ctx in contexts]
-    flat = [p for p in prompts for _ in range(num_samples)]
-    generator = torch.Generator(device=device).manual_seed(seed)
+    flat = distributed.split([p for p in prompts for _ in range(num_samples)])
+    generator = torch.Generator(device=device).manual_seed(seed + 1_000_003 * distributed.rank())
     replies = []
-    bar = tqdm(total=len(flat), desc=progress, unit="reply", leave=False, disable=progress is None)
+    bar = tqdm(total=len(flat), desc=progress, unit="reply", leave=False,
+               disable=progress is None or not distributed.is_main())
     for i in range(0, len(flat), batch_size):
-        out = model.generate(flat[i:i + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, stop_token=EOT_ID, pad_token=PAD_ID, generator=generator)
+        with autocast(device):
+            out = model.generate(flat[i:i + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, stop_token=EOT_ID, pad_token=PAD_ID, generator=generator)
         for ids in out:
             finished = ids[-1] == EOT_ID
             replies.append(Reply(decode(tok, ids[:-1] if finished else ids).strip(), ids, finished))
         bar.update(len(out))
     bar.close()
+    replies = distributed.gather(replies)
     return [replies[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
 
 

@@ -11,6 +11,7 @@ The whole ADPO pipeline, stage by stage, as in the paper's method section:
     python train.py                       # the default preset: gpu with CUDA, else cpu
     python train.py --preset=tiny         # every stage in about a minute (tests and CI)
     python train.py --loss=ipo --beta=0.5 # any --key=value below
+    torchrun --standalone --nproc_per_node=2 train.py   # 2 processes (GPUs; gloo on CPU), see distributed.py
 """
 
 import dataclasses
@@ -29,10 +30,11 @@ from tqdm import tqdm
 
 import adpo
 import data
+import distributed
 import evaluate
 from configurator import ConfigError, apply_overrides, parse_overrides
 from data import DataError
-from model import GPT, CheckpointError, GPTConfig, autocast, gpt2_config
+from model import GPT, CheckpointError, GPTConfig, autocast, compile_model, gpt2_config
 from sample import load_checkpoint, sample_replies, sampling_settings
 
 
@@ -44,6 +46,7 @@ class Settings:
     stages: str = "sft,triplets,pref,eval"  # the stages to run, in this order
     seed: int = 1337
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    compile: bool = torch.cuda.is_available()  # torch.compile the SFT model (falls back to eager if it fails)
     # data
     data: str = ""  # a JSONL file of conversations (schema in the README); empty: the chitchat corpus
     max_conversations: int = 0  # use only this many conversations (0: all)
@@ -61,7 +64,8 @@ class Settings:
     bias: bool = True
     # sft
     sft_iters: int = 900  # optimizer steps
-    batch_size: int = 32  # windows per step
+    batch_size: int = 32  # windows per step, over all processes under torchrun
+    grad_accum: int = 1  # each process's windows in this many forward/backward passes (less memory, same step)
     learning_rate: float = 2e-3  # peak, after warmup; cosine down to min_lr
     min_lr: float = 2e-4
     warmup_iters: int = 100
@@ -71,6 +75,7 @@ class Settings:
     grad_clip: float = 1.0  # clip the gradient norm at this (0: off)
     eval_interval: int = 500  # validation loss on the eval split every this many steps
     eval_iters: int = 20  # batches per validation loss
+    log_interval: int = 10  # read the loss (a wait for the GPU) every this many steps, not every step
     # sampling (triplets and evaluation)
     temperature: float = 1.0
     top_k: Optional[int] = 50  # sample among the 50 likeliest tokens (none: all; then kl_from_sft is unbiased)
@@ -87,7 +92,7 @@ class Settings:
     gamma: float = 0.1  # weight of the toxic term (ADPO)
     eps: float = 0.1  # label-flip rate (cDPO)
     pref_iters: int = 64  # optimizer steps per loss (about 2 epochs of the cpu preset's triplets)
-    pref_batch_size: int = 16  # triplets per step
+    pref_batch_size: int = 16  # triplets per step, over all processes under torchrun
     pref_lr: float = 5e-5
     pref_warmup_iters: int = 10
     diag_interval: int = 4  # every this many steps, log each reply's share of the gradient (one backward each)
@@ -158,10 +163,11 @@ def check_settings(s):
         raise ConfigError("--device=cuda but CUDA is not available")
     positive = ("sft_iters", "batch_size", "num_candidates", "pref_iters", "pref_batch_size", "seeds",
                 "eval_contexts", "eval_samples", "vocab_size", "pref_contexts", "toxic_retries", "toxic_copies",
-                "diag_interval")
+                "diag_interval", "grad_accum", "log_interval")
     for key in positive:
         if getattr(s, key) < 1:
             raise ConfigError(f"--{key} must be at least 1, got {getattr(s, key)}")
+    distributed.check_batches(s.batch_size, s.grad_accum, s.pref_batch_size)  # under torchrun
 
 
 def stage_list(s):
@@ -187,16 +193,18 @@ def save_checkpoint(path, model, s, extra=None):
     ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
             "settings": dataclasses.asdict(s), "tokenizer": os.path.join(s.out_dir, "tokenizer.json")}
     ckpt.update(extra or {})
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    if distributed.is_main():  # under torchrun only rank 0 writes, and the others wait until it has
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    distributed.barrier()
 
 
 def write_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    if distributed.is_main():
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    distributed.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,18 +212,21 @@ def write_text(path, text):
 
 
 def train_sft(s, tok, conversations):
-    torch.manual_seed(s.seed)
+    torch.manual_seed(s.seed)  # the same initial weights in every process
     train_stream = data.sft_stream(tok, conversations, "sft", s.toxic_copies, s.context_turns)
     val_stream = data.sft_stream(tok, conversations, "eval", 1, s.context_turns)
     config = GPTConfig(block_size=s.block_size, vocab_size=tok.get_vocab_size(), n_layer=s.n_layer,
                        n_head=s.n_head, n_embd=s.n_embd, dropout=s.dropout, bias=s.bias)
-    model = GPT.from_gpt2(s.init_from, s.block_size, tok.get_vocab(), s.dropout) if s.init_from else GPT(config)
-    model = model.to(s.device)
-    optimizer = model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), s.device)
-    print(f"sft: {model.get_num_params() / 1e6:.2f}M parameters, {len(train_stream[0]):,} training tokens "
+    raw_model = GPT.from_gpt2(s.init_from, s.block_size, tok.get_vocab(), s.dropout) if s.init_from else GPT(config)
+    raw_model = raw_model.to(s.device)
+    optimizer = raw_model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), s.device)
+    print(f"sft: {raw_model.get_num_params() / 1e6:.2f}M parameters, {len(train_stream[0]):,} training tokens "
           f"({int((train_stream[0] == data.TOXIC_ID).sum()):,} toxic turns behind [TOXIC], copies included), "
           f"{len(val_stream[0]):,} validation tokens")
-    generator = torch.Generator().manual_seed(s.seed)
+    rows = s.batch_size // distributed.world_size() // s.grad_accum  # per forward pass
+    model = distributed.wrap(compile_model(raw_model, (rows, s.block_size), s.device) if s.compile else raw_model,
+                             s.device)  # DistributedDataParallel under torchrun
+    generator = torch.Generator().manual_seed(s.seed)  # the same global batches in every process
 
     @torch.no_grad()
     def val_loss():
@@ -225,33 +236,40 @@ def train_sft(s, tok, conversations):
         for _ in range(s.eval_iters):
             x, y = data.get_sft_batch(val_stream, s.batch_size, s.block_size, val_gen)
             with autocast(s.device):
-                losses.append(model(x.to(s.device), y.to(s.device))[1].item())
+                losses.append(raw_model(x.to(s.device), y.to(s.device))[1].item())
         model.train()
         return float(np.mean(losses))
 
-    bar = tqdm(range(s.sft_iters), desc="sft", unit="step")
-    t0, tokens_per_iter = time.time(), s.batch_size * s.block_size
+    bar = tqdm(range(s.sft_iters), desc="sft", unit="step", disable=not distributed.is_main())
+    t0, tokens_per_iter, loss_sum, curve = time.time(), s.batch_size * s.block_size, 0.0, []
     for it in bar:
         lr = get_lr(it, s.warmup_iters, s.sft_iters, s.learning_rate, s.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = data.get_sft_batch(train_stream, s.batch_size, s.block_size, generator)
-        with autocast(s.device):
-            _, loss = model(x.to(s.device), y.to(s.device))
-        loss.backward()
+        x, y = data.get_sft_batch(train_stream, s.batch_size, s.block_size, generator)  # the global batch
+        for xs, ys, weight, sync in distributed.micro_batches(model, x, y, s.grad_accum):  # this process's rows
+            with sync:  # under DDP, the gradients are averaged over the processes after the last piece only
+                with autocast(s.device):
+                    _, loss = model(data.to_device(xs, s.device), data.to_device(ys, s.device))
+                (loss * weight).backward()
+            loss_sum = loss_sum + loss.detach() * weight / distributed.world_size()  # stays on the device
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        mfu = model.estimate_mfu(tokens_per_iter, dt) if s.device.startswith("cuda") else None
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_iter / dt:,.0f}",
-                        **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
+        if (it + 1) % s.log_interval == 0 or (it + 1) % s.eval_interval == 0 or it + 1 == s.sft_iters:
+            steps, dt, t0 = it + 1 - (curve[-1]["step"] if curve else 0), time.time() - t0, time.time()
+            train_loss, loss_sum = distributed.sum_over_processes(float(loss_sum)) / steps, 0.0
+            curve.append({"step": it + 1, "loss": train_loss, "lr": lr, "tok_s": tokens_per_iter * steps / dt})
+            mfu = raw_model.estimate_mfu(tokens_per_iter * steps / distributed.world_size(), dt) \
+                if s.device.startswith("cuda") else None
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{curve[-1]['tok_s']:,.0f}",
+                            **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
         if (it + 1) % s.eval_interval == 0 or it + 1 == s.sft_iters:
-            tqdm.write(f"sft step {it + 1}: train loss {loss.item():.3f}, val loss {val_loss():.3f}")
-    model.eval()
-    return model
+            tqdm.write(f"sft step {it + 1}: train loss {curve[-1]['loss']:.3f}, val loss {val_loss():.3f}")
+    write_text(os.path.join(s.out_dir, "metrics_sft.jsonl"), "".join(json.dumps(r) + "\n" for r in curve))
+    raw_model.eval()
+    return raw_model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,11 +368,12 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path):
     order = []
     hyper = {"beta": s.beta, "gamma": s.gamma, "eps": s.eps}
     metrics = []
-    bar = tqdm(range(s.pref_iters), desc=loss_name, unit="step")
+    bar = tqdm(range(s.pref_iters), desc=loss_name, unit="step", disable=not distributed.is_main())
     for it in bar:
         if len(order) < s.pref_batch_size:
             order += torch.randperm(len(enc), generator=generator).tolist()
         idx, order = order[:s.pref_batch_size], order[s.pref_batch_size:]
+        idx = distributed.split(idx)  # this process's share of the global batch (all of it in one process)
         lr = get_lr(it, s.pref_warmup_iters, s.pref_iters, s.pref_lr, s.pref_lr)  # warmup, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -364,12 +383,14 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path):
         losses = adpo.call_loss(loss_name, {**logps, **batch_ref, **hyper})
         loss = losses.mean()
         diagnostics = adpo.backward_by_reply(loss, logps, policy, split=it % s.diag_interval == 0)
+        distributed.average_gradients(policy)  # over the processes: the gradient of the global batch's mean
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip if s.grad_clip > 0 else 1e9)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": it, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
-               **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref,
-                                         beta=s.beta, gamma=s.gamma)}
+        row = {"step": it, **distributed.mean_over_processes({  # the global batch's (grad/*: norms averaged)
+            "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
+            **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref, beta=s.beta,
+                                      gamma=s.gamma)})}
         metrics.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['rewards/margins']:.3f}",
                         acc=f"{row['rewards/accuracies']:.2f}")
@@ -398,6 +419,7 @@ def final_pass(s, policy, enc, ref):
 def main(argv):
     t_start = time.time()
     s = get_settings(argv)
+    s = dataclasses.replace(s, device=distributed.setup(s.device))  # under torchrun: join the processes
     stages = stage_list(s)
     losses = loss_list(s)  # the DPO baseline and the method(s)
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
@@ -422,7 +444,8 @@ def main(argv):
     # 1. SFT: the dialogue model, and with [TOXIC] the inner toxic model
     if "sft" in stages:  # the later stages take the tokenizer sft.pt names, never a new one
         t0 = time.time()
-        tok = data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json"), s.init_from)
+        tok = distributed.main_first(lambda: data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json"),
+                                                                s.init_from))
         sft_model = train_sft(s, tok, conversations)
         save_checkpoint(out("sft.pt"), sft_model, s)
         stage_seconds["sft"] = time.time() - t0
@@ -456,7 +479,8 @@ def main(argv):
                                                                        "stability": stats})
                 if seed == s.seed:
                     curves[name] = metrics
-        evaluate.plot_curves(out("curves.png"), curves)
+        if distributed.is_main():
+            evaluate.plot_curves(out("curves.png"), curves)
         stage_seconds["pref"] = time.time() - t0
 
     # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seed
@@ -503,3 +527,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        distributed.teardown()
