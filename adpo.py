@@ -215,12 +215,12 @@ def loss_inputs(h_w, h_l, h_t, dtype=torch.float64):
     loss that uses them instead of the log-ratios shows it."""
     t = lambda values: torch.tensor(values, dtype=dtype)  # noqa: E731
     h_w, h_l, h_t = t(h_w), t(h_l), t(h_t)
-    ref_chosen = -10.0 - torch.arange(len(h_w), dtype=dtype)  # a different baseline for every example
-    ref_rejected, toxic_model_toxic = ref_chosen - 2.0, ref_chosen - 5.0
+    i = torch.arange(len(h_w), dtype=dtype)  # other baselines, and other gaps between them, in every example
+    ref_chosen, ref_rejected, toxic_model_toxic = -10.0 - i, -12.0 - 3 * i, -15.0 - 2 * i
     return {"policy_chosen_logps": ref_chosen + h_w, "policy_rejected_logps": ref_rejected + h_l,
             "policy_toxic_logps": toxic_model_toxic + h_t, "ref_chosen_logps": ref_chosen,
             "ref_rejected_logps": ref_rejected, "toxic_model_toxic_logps": toxic_model_toxic,
-            "ref_toxic_logps": toxic_model_toxic - 3.0, **CHECK_HYPER}
+            "ref_toxic_logps": toxic_model_toxic - 3.0 - i, **CHECK_HYPER}
 
 
 class BigramLM(torch.nn.Module):
@@ -322,16 +322,15 @@ def check_loss(name):
             return bool((after < before).all()), \
                 f"loss {_numbers(before)} -> {_numbers(after)} when log pi(y_{reply[0]}|x) moves by {sign * step:+}"
         return test
-    check("the loss falls when the policy raises the chosen reply", falls("chosen", +1))
-    check("the loss falls when the policy lowers the rejected reply", falls("rejected", -1))
-    if "policy_toxic_logps" in params:
-        check("the loss falls when the policy lowers the toxic reply", falls("toxic", -1))
-    else:
-        results.append(("SKIP", "the loss falls when the policy lowers the toxic reply",
-                        "the loss does not take policy_toxic_logps"))
+    for reply, sign in (("chosen", +1), ("rejected", -1), ("toxic", -1)):
+        prop = f"the loss falls when the policy {'raises' if sign > 0 else 'lowers'} the {reply} reply"
+        if f"policy_{reply}_logps" in params:
+            check(prop, falls(reply, sign))
+        else:  # DPO has no toxic reply; a student's loss may leave out the rejected one
+            results.append(("SKIP", prop, f"the loss does not take policy_{reply}_logps"))
 
     def at_reference():
-        out = loss_at([0.0] * 4, [0.0] * 4, [0.0] * 4).detach()
+        out = loss_at([0.0] * 4, [0.0] * 4, [0.0] * 4).detach().reshape(-1)  # a wrong shape fails above, not here
         if name not in EXPECTED_AT_REFERENCE:
             return bool(torch.allclose(out, out[0].expand_as(out))), \
                 f"values {_numbers(out)} differ between examples with the same log-ratios (no expected value in " \
