@@ -52,7 +52,8 @@ def concatenated_logps(model, batches):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the losses. At step 0 pi = ref, so every h is 0 and DPO and ADPO both equal ln 2 = 0.693: not a bug.
+# the losses. At step 0 pi = ref, so h_w = h_l = 0 and DPO equals ln 2 = 0.693: not a bug. ADPO's h_t compares
+# pi with tox, not ref, so it starts near ln 2, not at it (README, "The method").
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
