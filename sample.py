@@ -106,9 +106,17 @@ def sampling_settings(s, **extra):
 # the command line: replies to one prompt, several checkpoints side by side, or a chat
 
 
-def replies_kwargs(s):
+def replies_kwargs(s, model):
     """The sampling settings of the command line, the same for every checkpoint and every turn."""
+    if s.max_new_tokens > model.config.block_size - 2:  # room for a reply, one context token and [TOXIC]
+        raise ConfigError(f"--max_new_tokens={s.max_new_tokens} leaves no room for a context in the block of "
+                          f"{model.config.block_size} tokens")
     return dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens)
+
+
+def shown(reply):
+    """A reply as the command line prints it: ... when it was cut at max_new_tokens."""
+    return (reply.text or "(empty)") + ("" if reply.finished else " ...")
 
 
 def compare(s, context):
@@ -127,14 +135,13 @@ def compare(s, context):
     for title, ckpt, toxic in columns:
         model, tok, _ = load_checkpoint(paths[ckpt], s.device)
         replies[title] = sample_replies(model, tok, [context], toxic=toxic, num_samples=s.num_samples,
-                                        seed=s.seed, **replies_kwargs(s))[0]
+                                        seed=s.seed, **replies_kwargs(s, model))[0]
     width = max(16, (shutil.get_terminal_size((120, 24)).columns - 4) // len(columns) - 3)
     print(f"context: {' | '.join(context)}   (seed {s.seed}, temperature {s.temperature}, top_k {s.top_k})")
     print(" | ".join(title.ljust(width) for title, _, _ in columns).rstrip())
     print("-+-".join("-" * width for _ in columns))
     for i in range(s.num_samples):
-        cells = [textwrap.wrap(r.text + ("" if r.finished else " ...") or "(empty)", width)
-                 for r in (replies[title][i] for title, _, _ in columns)]
+        cells = [textwrap.wrap(shown(replies[title][i]), width) for title, _, _ in columns]
         for line in itertools.zip_longest(*cells, fillvalue=""):
             print(" | ".join(cell.ljust(width) for cell in line).rstrip())
         print()
@@ -166,6 +173,7 @@ def chat(s):
     toxic model answers, until /toxic again or /reset, which also clears the history. /quit or the end of the
     input ends it."""
     model, tok, _ = load_checkpoint(s.checkpoint, s.device)
+    kw = replies_kwargs(s, model)
     room = model.config.block_size - s.max_new_tokens - 1  # the context, and [TOXIC] when it is on
     history, toxic, turn = [], False, 0
     print(f"chatting with {s.checkpoint}: /toxic toggles the control token, /reset clears the history, /quit ends")
@@ -184,13 +192,14 @@ def chat(s):
             toxic = not toxic
             print("([TOXIC] on: the inner toxic model replies)" if toxic else "([TOXIC] off)")
             continue
-        if not line or line.startswith("/"):
-            if line:
-                print(f"(unknown command {line}; /toxic, /reset or /quit)")
+        if line.startswith("/"):
+            print(f"(unknown command {line}; /toxic, /reset or /quit)")
+            continue
+        if not line:
             continue
         history = fit_history(tok, history + [line], room)
-        reply = sample_replies(model, tok, [history], toxic=toxic, seed=s.seed + turn, **replies_kwargs(s))[0][0]
-        print(("bot[TOXIC]> " if toxic else "bot> ") + (reply.text or "(empty)") + ("" if reply.finished else " ..."))
+        reply = sample_replies(model, tok, [history], toxic=toxic, seed=s.seed + turn, **kw)[0][0]
+        print(("bot[TOXIC]> " if toxic else "bot> ") + shown(reply))
         history = history + [reply.text]
         turn += 1  # a new seed each turn: the same input twice need not give the same reply
 
@@ -200,14 +209,16 @@ def main(argv):
     context = [t.strip() for t in s.prompt.split(" | ") if t.strip()]
     if s.chat:
         return chat(s)
+    if not context:
+        raise ConfigError("--prompt is empty: give at least one turn")
     if s.compare:
         return compare(s, context)
     model, tok, _ = load_checkpoint(s.checkpoint, s.device)
     replies = sample_replies(model, tok, [context], toxic=s.toxic, num_samples=s.num_samples, seed=s.seed,
-                             **replies_kwargs(s))[0]
+                             **replies_kwargs(s, model))[0]
     print(f"context: {' | '.join(context)}" + ("   [TOXIC]" if s.toxic else ""))
     for r in replies:
-        print(f"  > {r.text}" + ("" if r.finished else " ..."))
+        print(f"  > {shown(r)}")
 
 
 if __name__ == "__main__":

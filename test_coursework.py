@@ -13,7 +13,7 @@ import adpo
 import data
 import train
 from model import GPT, GPTConfig
-from sample import fit_history, load_checkpoint, sample_replies
+from sample import fit_history, load_checkpoint, sample_replies, shown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -133,11 +133,6 @@ def tiny_checkpoints(tmp_path_factory):
     return out_dir
 
 
-def shown(reply):
-    """A reply as the command line prints it."""
-    return (reply.text or "(empty)") + ("" if reply.finished else " ...")
-
-
 def test_compare_prints_each_checkpoint_sampled_with_the_same_seed(tiny_checkpoints):
     result = run_script("sample.py", "--compare=sft,dpo,adpo", "--toxic", f"--out_dir={tiny_checkpoints}",
                         "--prompt=i hate mondays", "--num_samples=3", "--max_new_tokens=6", "--seed=7",
@@ -161,6 +156,9 @@ def test_compare_prints_each_checkpoint_sampled_with_the_same_seed(tiny_checkpoi
     assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
     assert missing.stderr.startswith("error: no checkpoint at") and "nope.pt" in missing.stderr
     assert "gone.pt" in missing.stderr
+    no_room = run_script("sample.py", "--compare=sft", f"--out_dir={tiny_checkpoints}", "--max_new_tokens=47")
+    assert no_room.returncode != 0 and no_room.stderr.strip() == \
+        "error: --max_new_tokens=47 leaves no room for a context in the block of 48 tokens"
 
 
 def test_chat_through_stdin_keeps_history_toggles_toxic_and_resets(tiny_checkpoints):
