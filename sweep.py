@@ -18,7 +18,6 @@ import inspect
 import itertools
 import json
 import os
-import sys
 import time
 
 import adpo
@@ -26,8 +25,7 @@ import data
 import evaluate
 import train
 from configurator import ConfigError, apply_overrides
-from data import DataError
-from sample import load_checkpoint
+from artifacts import load_checkpoint, run_main, write_text
 
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
 # settings that shape sft.pt or the triplets: a sweep reuses those, so it cannot vary them
@@ -184,7 +182,7 @@ def main(argv):
                 print(f"sweep: {name} done earlier, reused")
                 return saved["section"]
         section = compute()
-        train.write_text(path, json.dumps({"key": key, "section": section}) + "\n")
+        write_text(path, json.dumps({"key": key, "section": section}) + "\n")
         return section
 
     def sft_section():
@@ -203,8 +201,8 @@ def main(argv):
                                        lambda: run_point(s, point, sft_model, tok, sets, seeds, out, cache)))
     result["wall_time_s"] = time.time() - t_start
     table = sweep_table(result)
-    train.write_text(out("sweep.json"), json.dumps(result, indent=2) + "\n")
-    train.write_text(out("sweep.md"), f"# Sweep on the dev split ({s.preset} preset, {len(seeds)} seed(s), "
+    write_text(out("sweep.json"), json.dumps(result, indent=2) + "\n")
+    write_text(out("sweep.md"), f"# Sweep on the dev split ({s.preset} preset, {len(seeds)} seed(s), "
                      f"{result['wall_time_s'] / 60:.1f} min)\n\n`python sweep.py --grid=\"{grid}\" "
                      f"--seeds={s.seeds}`\n\n{table}\n\nIntervals: 95% bootstrap over contexts (human replies for "
                      f"val_ppl), seeds pooled. goal: toxicity_adversarial at most the upper end of DPO's interval "
@@ -215,7 +213,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_main(main)
