@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import random
+import re
 import sys
 
 import numpy as np
@@ -209,9 +210,10 @@ def read_checkpoint(path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
-            raise RunError(f"{path}: refused: it holds Python objects besides tensors and plain values, and "
-                           f"loading them could run code from the file") from None
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))  # what a full load would call
+        if refused:
+            raise RunError(f"{path}: refused: loading it would call {refused.group(1)} (a checkpoint from "
+                           f"train.py holds only tensors and plain values)") from None
         raise RunError(f"{path}: not a readable checkpoint (corrupt)") from None
     except Exception:  # noqa: BLE001 (a truncated zip, random bytes, an empty file: torch raises many kinds)
         raise RunError(f"{path}: not a readable checkpoint (truncated or corrupt)") from None
