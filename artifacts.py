@@ -168,20 +168,15 @@ def save(obj, path):
     os.replace(tmp, path)
 
 
-def save_tokenizer(tok, path, fingerprint):
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)
-    record(path, fingerprint)
-
-
 def get_tokenizer(out_dir, conversations, vocab_size, fingerprint):
-    """tokenizer.json if it is fresh; else one trained on the sft split only (never on the held-out splits)."""
+    """tokenizer.json if it is fresh; else a new one (data.get_tokenizer), recorded."""
     path = os.path.join(out_dir, "tokenizer.json")
     if is_fresh(path, fingerprint):
         return data.load_tokenizer(path)
-    tok = data.train_tokenizer([t for c in conversations if c.split == "sft" for t in c.turns], vocab_size)
-    save_tokenizer(tok, path, fingerprint)
+    if os.path.exists(path):
+        os.remove(path)  # stale: data.get_tokenizer would reuse any tokenizer of the same size, whatever its corpus
+    tok = data.get_tokenizer(conversations, vocab_size, path)
+    record(path, fingerprint)
     return tok
 
 

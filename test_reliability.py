@@ -252,6 +252,7 @@ BAD_TRAIN = [  # (arguments, the start of what the one line says); {d}: the test
     (["--stages=,"], "--stages must be a list of stages"),
     (["--data={d}/missing.jsonl"], "{d}/missing.jsonl: no such data file"),
     (["--data={d}/bad.jsonl"], "{d}/bad.jsonl:2:"),
+    (["--max_conversations=5"], "the pref split has no context with a reply"),  # not found after SFT
     (["--out_dir={d}/a_file/run"], "cannot write to --out_dir={d}/a_file/run"),
     (["--out_dir={d}/run", "--stages=triplets"], "{d}/run/sft.pt: not a readable checkpoint"),
 ]

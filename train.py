@@ -32,7 +32,6 @@ import data
 import evaluate
 from artifacts import STAGES, load_checkpoint, save_checkpoint, write_text
 from configurator import ConfigError, apply_overrides, check_rules, parse_overrides
-from data import DataError
 from model import GPT, GPTConfig, autocast
 from sample import sample_replies, sampling_settings
 
@@ -248,8 +247,6 @@ def build_triplets(s, model, tok, conversations):
     (for people) and its sampled ids and finished flag (for the code, which scores exactly those ids)."""
     rng = random.Random(s.seed)
     examples = data.contexts_and_replies(conversations, "pref", s.context_turns)
-    if not examples:
-        raise DataError("the pref split has no context with a reply; use more conversations")
     contexts = [e.context for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
     kw = sampling_settings(s)
     candidates = sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
@@ -394,6 +391,8 @@ def main(argv):
     fp = artifacts.fingerprints(s, conversations, losses, seeds)  # file name -> what it must be made from
     artifacts.check_inputs(s.out_dir, fp, stages, argv)  # what this run reads is there and not stale
     artifacts.check_out_dir(s.out_dir)
+    data.require_splits(conversations, [sp for st, sp in (("triplets", "pref"), ("eval", "eval")) if st in stages],
+                        s.context_turns)
     if "pref" in stages and "triplets" not in stages:
         data.select_triplets(data.read_triplets(out("triplets.jsonl")), s.min_judge_gap)
     counts = {sp: sum(c.split == sp for c in conversations) for sp in data.SPLITS}
