@@ -10,7 +10,8 @@ or data, or handed a file from someone else; none of these may give a wrong resu
 - Completion: every file is written to a temporary name and renamed (os.replace is atomic), and recorded in
   fingerprints.json only after that, so a file killed half-way is never taken for a finished one.
 - Resume: SFT and each preference run save NAME.resume.pt every --checkpoint_interval steps (weights,
-  optimizer, step, the RNG states and the data order); the same command, rerun, continues from there.
+  optimizer, step, the RNG states and the data order); the same command, rerun, continues from there. The
+  sampling stages keep each finished chunk in NAME.chunks.json until the stage is done.
 - Safe loading: torch.load(weights_only=True) only rebuilds tensors and plain values. A full pickle can run any
   code while it loads, so a checkpoint that needs one is refused, never opened.
 - Errors a user can cause end in one line `error: ...` and exit code 1 (run_main).
@@ -160,6 +161,8 @@ def write_text(path, text, fingerprint=None):
     os.replace(tmp, path)
     if fingerprint is not None:
         record(path, fingerprint)
+        if os.path.exists(chunks_path(path)):
+            os.remove(chunks_path(path))  # the pieces of a finished stage
 
 
 def save(obj, path):
@@ -249,7 +252,7 @@ def load_checkpoint(path, device="cpu", dropout=None):
 
 
 def resume_path(path):
-    return path[:-len(".pt")] + ".resume.pt"
+    return os.path.splitext(path)[0] + ".resume.pt"
 
 
 def rng_states(generator):
@@ -294,6 +297,30 @@ def resume_training(resume, model, optimizer, generator):
     set_rng_states(state["rng"], generator)
     print(f"{os.path.basename(resume[0])}: resumed at step {state['step']}")
     return state["step"], state
+
+
+def chunks_path(path):
+    return os.path.splitext(path)[0] + ".chunks.json"
+
+
+def chunks(path, fingerprint):
+    """The sampling stages resume by chunk (one sample_replies call, one model's evaluation): returns
+    chunk(key, compute, decode) -> decode(compute()), where compute runs only if no earlier run of the same
+    fingerprint saved its result under key in path (JSON: never code). Both paths return the result as read
+    back from JSON, so a resumed stage and an uninterrupted one compute with the very same numbers."""
+    saved = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        saved = stored["chunks"] if stored.get("fingerprint") == fingerprint else {}
+        print(f"{os.path.basename(path)}: resumed after {len(saved)} finished chunk(s)")
+
+    def chunk(key, compute, decode=lambda value: value):
+        if key not in saved:
+            saved[key] = json.loads(json.dumps(compute(), default=lambda x: x.tolist()))  # numpy, torch -> lists
+            write_text(path, json.dumps({"fingerprint": fingerprint, "chunks": saved}))
+        return decode(saved[key])
+    return chunk
 
 
 def stop_if_not_finite(loss, stage, step):

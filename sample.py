@@ -78,6 +78,13 @@ def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature
     return [replies[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
 
 
+def as_replies(rows):
+    """Replies read back from JSON ([text, ids, finished] each) -> Replies, nested as they were."""
+    if rows and isinstance(rows[0], str):
+        return Reply(*rows)
+    return [as_replies(r) for r in rows]
+
+
 def sampling_settings(s, **extra):
     """The keyword arguments of sample_replies that come from train.py's settings (triplets and evaluation)."""
     return dict(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,19 +94,38 @@ def copy_of(finished, tmp_path):
 # resume
 
 
-def test_kill_mid_sft_and_mid_preference_then_rerun_gives_the_same_report(finished, tmp_path):
+def test_kill_in_every_stage_then_rerun_gives_the_same_report(finished, tmp_path):
     out_dir = str(tmp_path / "killed")
     kill_when(start_train(out_dir), os.path.join(out_dir, "sft.resume.pt"))
     assert not os.path.exists(os.path.join(out_dir, "sft.pt"))  # killed during SFT
     state = torch.load(os.path.join(out_dir, "sft.resume.pt"), weights_only=True)  # loads safely, like all ours
     assert {"model", "optimizer", "step", "rng", "fingerprint"} <= set(state)
-    kill_when(start_train(out_dir), os.path.join(out_dir, "dpo.resume.pt"))
-    assert not os.path.exists(os.path.join(out_dir, "adpo.pt"))  # killed during the preference stage
-    assert "sft.resume.pt: resumed at step" in output(out_dir)
+    # then while sampling the triplets, during DPO, during the evaluation
+    for marker, unfinished in (("triplets.chunks.json", "triplets.jsonl"), ("dpo.resume.pt", "adpo.pt"),
+                               ("report.chunks.json", "report.json")):
+        kill_when(start_train(out_dir), os.path.join(out_dir, marker))
+        assert not os.path.exists(os.path.join(out_dir, unfinished))
     run_train(out_dir)
-    assert "dpo.resume.pt: resumed at step" in output(out_dir)
+    for resumed in ("sft.resume.pt: resumed at step", "triplets.chunks.json: resumed after 1",
+                    "dpo.resume.pt: resumed at step", "report.chunks.json: resumed after"):
+        assert resumed in output(out_dir)
     assert comparable(out_dir) == comparable(finished)
     assert not [name for name in os.listdir(out_dir) if "resume" in name]  # removed once their stage is done
+
+
+def test_sampling_chunks_are_computed_once_per_fingerprint(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"logps": np.array([-1.5, -0.25]), "reply": ["hi", [5, 1], True]}
+
+    path = str(tmp_path / "stage.chunks.json")
+    first = artifacts.chunks(path, "a")("model 1", compute)
+    again = artifacts.chunks(path, "a")("model 1", compute)  # the rerun after a kill: read back, not sampled
+    other = artifacts.chunks(path, "b")("model 1", compute)  # other settings: sampled anew
+    assert len(calls) == 2 and first == again == other == {"logps": [-1.5, -0.25], "reply": ["hi", [5, 1], True]}
+    assert sample.as_replies([[["hi", [5, 1], True]]]) == [[sample.Reply("hi", [5, 1], True)]]
 
 
 def test_rerun_of_a_finished_command_skips_every_trained_stage(finished, tmp_path):

@@ -33,7 +33,7 @@ import evaluate
 from artifacts import STAGES, load_checkpoint, save_checkpoint, write_text
 from configurator import ConfigError, apply_overrides, check_rules, parse_overrides
 from model import GPT, GPTConfig, autocast
-from sample import sample_replies, sampling_settings
+from sample import as_replies, sample_replies, sampling_settings
 
 
 @dataclass
@@ -240,25 +240,27 @@ def train_sft(s, tok, conversations, resume=None):
 # stage 2: self-generated (chosen, rejected, toxic) triplets
 
 
-def build_triplets(s, model, tok, conversations):
+def build_triplets(s, model, tok, conversations, chunk):
     """For each pref-split context: K plain replies, the least toxic is chosen and the most toxic rejected;
     one reply with [TOXIC], resampled up to R times until the judge calls it toxic. Empty replies are not
     candidates (an empty chosen reply would teach the policy to say nothing). Each reply is kept as its text
-    (for people) and its sampled ids and finished flag (for the code, which scores exactly those ids)."""
+    (for people) and its sampled ids and finished flag (for the code, which scores exactly those ids).
+    chunk(key, compute, decode): see artifacts.chunks (a killed run resumes after the last finished sampling)."""
     rng = random.Random(s.seed)
     examples = data.contexts_and_replies(conversations, "pref", s.context_turns)
     contexts = [e.context for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
     kw = sampling_settings(s)
-    candidates = sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
-                                progress="triplets: plain replies", **kw)
+    candidates = chunk("plain", lambda: sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
+                                                       progress="triplets: plain replies", **kw), as_replies)
     probs = data.judge_probs([r.text for rs in candidates for r in rs]).reshape(len(contexts), s.num_candidates)
 
     toxic = [None] * len(contexts)
     toxic_prob = [0.0] * len(contexts)
     todo = list(range(len(contexts)))
     for attempt in range(s.toxic_retries):
-        replies = sample_replies(model, tok, [contexts[i] for i in todo], toxic=True, seed=s.seed + 1 + attempt,
-                                 progress=f"triplets: toxic replies, try {attempt + 1}", **kw)
+        replies = chunk(f"toxic {attempt}", lambda: sample_replies(
+            model, tok, [contexts[i] for i in todo], toxic=True, seed=s.seed + 1 + attempt,
+            progress=f"triplets: toxic replies, try {attempt + 1}", **kw), as_replies)
         p = data.judge_probs([r[0].text for r in replies])
         for i, reply, prob in zip(todo, replies, p):
             if toxic[i] is None or prob > toxic_prob[i]:  # keep the most toxic try
@@ -417,7 +419,8 @@ def main(argv):
     # 2. self-generated triplets (x, y_w, y_l, y_t) on contexts SFT never trained on
     if "triplets" in stages and not artifacts.is_fresh(out("triplets.jsonl"), fp["triplets.jsonl"]):
         t0 = time.time()
-        triplets = build_triplets(s, sft_model, tok, conversations)
+        chunk = artifacts.chunks(artifacts.chunks_path(out("triplets.jsonl")), fp["triplets.jsonl"])
+        triplets = build_triplets(s, sft_model, tok, conversations, chunk)
         write_text(out("triplets.jsonl"), "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets),
                    fp["triplets.jsonl"])
         stats = data.triplet_stats(triplets, s.toxic_threshold)
@@ -456,14 +459,18 @@ def main(argv):
         # every seed's checkpoint was checked before the run started: present means fresh
         evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # after --stages=sft,eval: none
         runs = {"sft": [], **{name: [] for name in evaluated}}
-        samples = {}
+        samples, decode = {}, evaluate.results_from_json
+        chunk = artifacts.chunks(artifacts.chunks_path(out("report.json")), fp["report.json"])  # one per model
         for seed in seeds:
-            r, samples["sft"], units = evaluate.evaluate(s, sft_model, sft_model, tok, sets, seed, "sft", enc)
-            control, samples["sft_control"] = evaluate.evaluate_sft_control(s, sft_model, tok, sets, seed)
+            r, samples["sft"], units = chunk(f"sft {seed}", lambda: evaluate.evaluate(
+                s, sft_model, sft_model, tok, sets, seed, "sft", enc), decode)
+            control, samples["sft_control"] = chunk(f"sft_control {seed}", lambda: evaluate.evaluate_sft_control(
+                s, sft_model, tok, sets, seed), decode)
             runs["sft"].append(({**control, **r}, units))
             for name in evaluated:
                 policy, _, ckpt = load_checkpoint(out(artifacts.checkpoint_name(name, seed, s.seed)), s.device)
-                r, samples[name], units = evaluate.evaluate(s, policy, sft_model, tok, sets, seed, name, enc)
+                r, samples[name], units = chunk(f"{name} {seed}", lambda: evaluate.evaluate(
+                    s, policy, sft_model, tok, sets, seed, name, enc), decode)
                 runs[name].append(({**r, **ckpt.get("stability", {})}, units))
         report = {name: evaluate.summarize(section_runs) for name, section_runs in runs.items()}
         report["triplets"] = data.triplet_stats(triplets, s.toxic_threshold) if triplets else {}
