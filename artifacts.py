@@ -113,8 +113,8 @@ def record(path, fingerprint):
 def check_inputs(out_dir, fp, stages, argv):
     """Before anything is written: each artifact a requested stage reads and no requested stage rebuilds must be
     there and fresh. Required: sft.pt and the tokenizer (for any stage after sft), triplets.jsonl (for pref).
-    Optional for eval: triplets.jsonl and the preference checkpoints, used when present, so when present they
-    must be fresh, for every seed."""
+    Optional for eval: triplets.jsonl, used when present, so then it must be fresh; and a loss' checkpoints,
+    evaluated when its first seed's is present, so then every seed's must be there and fresh."""
     reads = set()
     if any(x in stages for x in ("triplets", "pref", "eval")):
         reads |= {"sft.pt", "tokenizer.json"}
@@ -122,7 +122,11 @@ def check_inputs(out_dir, fp, stages, argv):
         reads.add("triplets.jsonl")
     optional = set()
     if "eval" in stages:
-        optional = {"triplets.jsonl"} | {name for name in fp if name not in STAGE_OF}
+        optional = {"triplets.jsonl"}
+        for name in fp:  # the preference checkpoints: the names not in STAGE_OF
+            first_seed = name.split("_seed")[0].removesuffix(".pt") + ".pt"  # dpo_seed1338.pt -> dpo.pt
+            if name not in STAGE_OF and os.path.exists(os.path.join(out_dir, first_seed)):
+                reads.add(name)
     names = ["sft.pt"] + [n for n in fp if n != "sft.pt"]  # the model first: it is what a stale tokenizer spoils
     for name in [n for n in names if n in reads | optional]:
         stage = STAGE_OF.get(name, "pref")

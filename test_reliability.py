@@ -199,6 +199,12 @@ def test_every_seed_checkpoint_is_checked_before_evaluation(finished, tmp_path, 
     before = snapshot(out_dir)
     message = cli_error(train.main, [*RUN, f"--out_dir={out_dir}", "--seeds=2", "--stages=eval"], monkeypatch)
     assert f"{os.path.join(out_dir, 'dpo_seed1338.pt')} is stale" in message and snapshot(out_dir) == before
+    for loss in ("dpo", "adpo"):  # and none at all for the second seed
+        os.remove(os.path.join(out_dir, f"{loss}_seed1338.pt"))
+    before = snapshot(out_dir)
+    message = cli_error(train.main, [*RUN, f"--out_dir={out_dir}", "--seeds=2", "--stages=eval"], monkeypatch)
+    assert message.startswith(f"error: no checkpoint at {os.path.join(out_dir, 'dpo_seed1338.pt')}")
+    assert snapshot(out_dir) == before  # stopped before the evaluation started
 
 
 def test_every_setting_is_fingerprinted_or_declared_harmless():
