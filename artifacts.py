@@ -114,7 +114,9 @@ def check_inputs(out_dir, fp, stages, argv):
     """Before anything is written: each artifact a requested stage reads and no requested stage rebuilds must be
     there and fresh. Required: sft.pt and the tokenizer (for any stage after sft), triplets.jsonl (for pref).
     Optional for eval: triplets.jsonl, used when present, so then it must be fresh; and a loss' checkpoints,
-    evaluated when its first seed's is present, so then every seed's must be there and fresh."""
+    evaluated when its first seed's is present, so then every seed's must be there and fresh. And out_dir must
+    be writable."""
+    check_out_dir(out_dir)
     reads = set()
     if any(x in stages for x in ("triplets", "pref", "eval")):
         reads |= {"sft.pt", "tokenizer.json"}

@@ -182,7 +182,6 @@ def get_lr(it, warmup_iters, max_iters, learning_rate, min_lr):
 
 
 def train_sft(s, tok, conversations, resume=None):
-    """resume: (path, fingerprint) of a resume state to continue from and save to (see artifacts.py), or None."""
     torch.manual_seed(s.seed)
     train_stream = data.sft_stream(tok, conversations, "sft", s.toxic_copies, s.context_turns)
     val_stream = data.sft_stream(tok, conversations, "eval", 1, s.context_turns)
@@ -391,8 +390,7 @@ def main(argv):
     # everything that can fail on bad input is checked before the first file is written
     conversations = data.load_corpus(s.data or None, s.toxic_threshold, s.max_conversations)
     fp = artifacts.fingerprints(s, conversations, losses, seeds)  # file name -> what it must be made from
-    artifacts.check_inputs(s.out_dir, fp, stages, argv)  # what this run reads is there and not stale
-    artifacts.check_out_dir(s.out_dir)
+    artifacts.check_inputs(s.out_dir, fp, stages, argv)  # out_dir writable, what this run reads there and fresh
     data.require_splits(conversations, [sp for st, sp in (("triplets", "pref"), ("eval", "eval")) if st in stages],
                         s.context_turns)
     if "pref" in stages and "triplets" not in stages:
@@ -456,8 +454,7 @@ def main(argv):
         sets = evaluate.eval_sets(s, conversations, "eval")
         triplets, enc = preference_data(s, tok, out("triplets.jsonl"), sft_model.config.block_size) \
             if os.path.isfile(out("triplets.jsonl")) else ([], None)
-        # every seed's checkpoint was checked before the run started: present means fresh
-        evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # after --stages=sft,eval: none
+        evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # all seeds checked fresh; may be none
         runs = {"sft": [], **{name: [] for name in evaluated}}
         samples, decode = {}, evaluate.results_from_json
         chunk = artifacts.chunks(artifacts.chunks_path(out("report.json")), fp["report.json"])  # one per model
