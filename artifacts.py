@@ -60,6 +60,11 @@ DEPENDS_ON = {
 # --loss/--seeds enter through the corpus' content and each checkpoint's own loss and seed)
 CHANGE_NO_ARTIFACT = ("preset", "out_dir", "stages", "device", "data", "max_conversations", "loss", "seeds",
                       "eval_interval", "eval_iters", "checkpoint_interval")
+# the code that computes each artifact: a loss edited in adpo.py makes dpo.pt and adpo.pt stale (train.py, the
+# order of the stages, is not tracked: after editing it, delete what the edit changes)
+CODE = {"tokenizer.json": (), "sft.pt": ("model.py", "data.py"), "triplets.jsonl": ("sample.py",), "pref": ("adpo.py",),
+        "report.json": ("evaluate.py",)}
+HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("sft", "triplets", "pref", "eval")
 STAGE_OF = {"tokenizer.json": "sft", "sft.pt": "sft", "triplets.jsonl": "triplets", "report.json": "eval"}
 
@@ -74,7 +79,13 @@ def checkpoint_name(loss, seed, first_seed):
 
 def fingerprints(s, conversations, losses, seeds):
     """{file name: fingerprint} of every artifact this command would write, before any is written."""
-    pick = lambda name: {k: getattr(s, k) for k in DEPENDS_ON[name]}  # noqa: E731
+    def pick(name):  # the settings and the source code the artifact depends on
+        code = []
+        for file_name in CODE[name]:
+            with open(os.path.join(HERE, file_name), encoding="utf-8") as f:
+                code.append(f.read())
+        return {k: getattr(s, k) for k in DEPENDS_ON[name]}, code
+
     corpus = digest([(c.id, c.turns, c.toxic, c.split) for c in conversations])
     fp = {"tokenizer.json": digest(corpus, pick("tokenizer.json"))}
     fp["sft.pt"] = digest(fp["tokenizer.json"], pick("sft.pt"))

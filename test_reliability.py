@@ -207,6 +207,20 @@ def test_every_seed_checkpoint_is_checked_before_evaluation(finished, tmp_path, 
     assert snapshot(out_dir) == before  # stopped before the evaluation started
 
 
+def test_editing_a_loss_makes_the_policies_stale_but_not_sft(tmp_path, monkeypatch):
+    """The coursework case: a student changes a loss in adpo.py and reruns; dpo.pt must not pass as fresh."""
+    for name in {name for names in artifacts.CODE.values() for name in names}:
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    monkeypatch.setattr(artifacts, "HERE", str(tmp_path))  # fingerprint these copies of the code
+    s = train.get_settings(["--preset=tiny"])
+    conversations = [data.Conversation("1", ["hi", "hello"], [False, False], "sft")]
+    before = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed])
+    with open(tmp_path / "adpo.py", "a") as f:
+        f.write("\n# a student's new loss\n")
+    after = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed])
+    assert [name for name in before if before[name] != after[name]] == ["dpo.pt", "adpo.pt", "report.json"]
+
+
 def test_every_setting_is_fingerprinted_or_declared_harmless():
     """A setting added to train.py must say which artifacts it changes, or a stale file would pass as fresh."""
     tracked = {k for keys in artifacts.DEPENDS_ON.values() for k in keys} | set(artifacts.CHANGE_NO_ARTIFACT)
