@@ -259,6 +259,32 @@ def test_every_checkpoint_the_project_writes_loads_with_weights_only(finished):
         torch.load(os.path.join(finished, name), weights_only=True)
 
 
+def test_a_full_disk_stops_with_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "report.json")
+    artifacts.write_text(path, "the old report\n")
+    real_open = open
+
+    class FullDisk:  # a file that takes 4 bytes, then fails as a write on a full disk does
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            self.file.write(text[:4])
+            raise OSError(28, "No space left on device", self.file.name)
+
+    monkeypatch.setattr(artifacts, "open", FullDisk, raising=False)  # artifacts' open, nobody else's
+    message = cli_error(lambda argv: artifacts.write_text(path, "the new report\n"), [], monkeypatch)
+    assert message == f"error: {path}.tmp: No space left on device"
+    with real_open(path) as f:
+        assert f.read() == "the old report\n"  # the half-written file never replaced it
+
+
 def broken_files(finished, folder):
     """Checkpoints a user may pass: cut short, random bytes, not ours, and a run whose sft.pt is cut short."""
     with open(os.path.join(finished, "sft.pt"), "rb") as f:
