@@ -21,11 +21,12 @@ import os
 import time
 
 import adpo
+import artifacts
 import data
 import evaluate
 import train
-from configurator import ConfigError, apply_overrides
 from artifacts import load_checkpoint, run_main, write_text
+from configurator import ConfigError, apply_overrides
 
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
 # settings that shape sft.pt or the triplets: a sweep reuses those, so it cannot vary them
@@ -157,14 +158,13 @@ def main(argv):
     for point in points:  # every point's settings are checked before anything runs
         train.check_settings(apply_overrides(s, point))
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
-    for needed in ("sft.pt", "triplets.jsonl"):
-        if not os.path.isfile(out(needed)):
-            raise FileNotFoundError(f"no {out(needed)}; run `python train.py --stages=sft,triplets` with the same "
-                                    f"--out_dir first")
     conversations = data.load_corpus(s.data or None, s.toxic_threshold, s.max_conversations)
+    seeds = [s.seed + i for i in range(s.seeds)]
+    # sft.pt and triplets.jsonl must be there and fresh, as for train.py --stages=pref
+    artifacts.check_inputs(s.out_dir, artifacts.fingerprints(s, conversations, [], seeds), ["pref"],
+                           [a for a in argv if not a.startswith("--grid=")])
     sft_model, tok, _ = load_checkpoint(out("sft.pt"), s.device)
     sets = evaluate.eval_sets(s, conversations, "dev")
-    seeds = [s.seed + i for i in range(s.seeds)]
     inputs = {"sft.pt": file_digest(out("sft.pt")), "triplets.jsonl": file_digest(out("triplets.jsonl"))}
     os.makedirs(out("sweep"), exist_ok=True)
     print(f"sweep: {len(points)} points x {len(seeds)} seed(s) on the dev split "

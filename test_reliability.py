@@ -17,6 +17,7 @@ import torch
 import artifacts
 import data
 import sample
+import sweep
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -190,6 +191,13 @@ def test_stale_artifact_outside_stages_stops_naming_it_and_the_rebuild(finished,
     message = cli_error(train.main, [*RUN, f"--out_dir={out_dir}", *args], monkeypatch)
     assert f"{os.path.join(out_dir, stale)} is stale" in message and message.endswith(rebuild)
     assert "\n" not in message and snapshot(out_dir) == before
+
+
+def test_sweep_refuses_a_stale_sft_model(finished, other_data, tmp_path, monkeypatch):
+    out_dir = copy_of(finished, tmp_path)
+    before = snapshot(out_dir)
+    message = cli_error(sweep.main, ["--preset=tiny", f"--out_dir={out_dir}", f"--data={other_data}"], monkeypatch)
+    assert f"{os.path.join(out_dir, 'sft.pt')} is stale" in message and snapshot(out_dir) == before
 
 
 def test_every_seed_checkpoint_is_checked_before_evaluation(finished, tmp_path, monkeypatch):
