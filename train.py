@@ -132,9 +132,9 @@ RULES = [  # (settings, rule, what the rule asks): all checked before anything i
     ("sft_iters batch_size num_candidates pref_iters pref_batch_size seeds eval_contexts eval_samples pref_contexts "
      "toxic_retries toxic_copies diag_interval eval_interval eval_iters sample_batch_size ppl_replies context_turns "
      "n_layer n_head n_embd max_new_tokens checkpoint_interval", lambda v: v >= 1, "at least 1"),
-    ("beta gamma learning_rate min_lr pref_lr", lambda v: v > 0, "positive"),
-    ("max_conversations warmup_iters pref_warmup_iters weight_decay grad_clip min_judge_gap temperature",
-     lambda v: v >= 0, "at least 0"),
+    ("beta gamma learning_rate min_lr pref_lr temperature", lambda v: v > 0, "positive"),  # greedy: K equal replies
+    ("max_conversations warmup_iters pref_warmup_iters weight_decay grad_clip min_judge_gap", lambda v: v >= 0,
+     "at least 0"),
     ("toxic_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("dropout beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("eps", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
