@@ -7,6 +7,7 @@ Every value is checked against the type of the default; an unknown key stops wit
 """
 
 import dataclasses
+import math
 import typing
 
 
@@ -61,3 +62,17 @@ def apply_overrides(settings, overrides):
             raise ConfigError(f"unknown setting --{key}; valid settings: {', '.join(fields)}")
         changes[key] = _convert(key, text, getattr(settings, key), hints[key])
     return dataclasses.replace(settings, **changes)
+
+
+def check_rules(settings, rules):
+    """rules: [(names separated by spaces, rule, what the rule asks)]. Every float must also be finite: nan
+    slips through most comparisons, and inf through all of the `> 0` ones."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{field.name} must be a finite number, got {value}")
+    for names, rule, what in rules:
+        for name in names.split():
+            value = getattr(settings, name)
+            if not rule(value):
+                raise ConfigError(f"--{name} must be {what}, got {value!r}")

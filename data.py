@@ -277,6 +277,9 @@ def get_sft_batch(stream, batch_size, block_size, generator=None):
     """Random windows x of block_size tokens from a (ids, targets) stream, and y, the targets of the next
     tokens (-1 where the model only reads: [TOXIC], <|endoftext|> and unmarked toxic turns)."""
     ids, targets = stream
+    if len(ids) <= block_size + 1:
+        raise DataError(f"{len(ids)} tokens in a split, too few for windows of --block_size={block_size}; "
+                        f"use more conversations")
     ix = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=generator).tolist()
     x = torch.from_numpy(np.stack([ids[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([targets[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
@@ -343,6 +346,13 @@ def contexts_and_replies(conversations, split, context_turns):
         for i in range(1, len(c.turns)):
             examples.append(Example(c.turns[max(0, i - context_turns):i], c.turns[i], c.toxic[i], c.toxic[i - 1]))
     return examples
+
+
+def require_splits(conversations, splits, context_turns):
+    """Before a run writes anything: each split a stage samples contexts from has at least one."""
+    for split in splits:
+        if not contexts_and_replies(conversations, split, context_turns):
+            raise DataError(f"the {split} split has no context with a reply; use more conversations")
 
 
 def collate(prompts, replies, pad_id=PAD_ID):

@@ -17,7 +17,7 @@ import torch
 import adpo
 import data
 from model import autocast
-from sample import prompt_ids, sample_replies, sampling_settings
+from sample import as_replies, prompt_ids, sample_replies, sampling_settings
 
 EVASIONS = (  # stock dodges; a reply is evasive when it is empty or contains one of these
     "i don't know", "i dont know", "idk", "i'm not sure", "im not sure", "not sure", "no idea",
@@ -197,6 +197,15 @@ def evaluate(s, model, sft_model, tok, sets, seed, name, enc=None):
     if enc is not None:
         r["eot_logprob_after_chosen"] = eot_logprob_after_chosen(model, enc, s.sample_batch_size, s.device)
     return r, replies, units
+
+
+def results_from_json(value):
+    """evaluate()'s or evaluate_sft_control()'s results as read back from JSON (artifacts.chunks): Replies and
+    arrays again."""
+    metrics, replies, *units = value
+    replies = {group: as_replies(rows) for group, rows in replies.items()}
+    units = [{key: tuple(np.asarray(x) for x in pair) for key, pair in u.items()} for u in units]  # none: control
+    return (metrics, replies, *units)
 
 
 def other_contexts(contexts):

@@ -22,9 +22,10 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from configurator import ConfigError, apply_overrides, parse_overrides
-from data import EOT_ID, PAD_ID, context_ids, decode, load_tokenizer
-from model import GPT, GPTConfig, autocast
+from artifacts import load_checkpoint, run_main
+from configurator import ConfigError, apply_overrides, check_rules, parse_overrides
+from data import EOT_ID, PAD_ID, context_ids, decode
+from model import autocast
 
 
 @dataclass
@@ -50,21 +51,13 @@ class Reply(NamedTuple):
     finished: bool  # the model ended the reply itself (False: cut at max_new_tokens, no end-of-turn)
 
 
-def load_checkpoint(path, device="cpu", dropout=None):
-    """(model in eval mode, tokenizer, checkpoint dict) from a file written by train.py. dropout, when given,
-    replaces the checkpoint's (the preference stage needs 0: with dropout the policy's log-probs are noisy,
-    and pi = ref would not hold at step 0)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; run `python train.py` first (or pass --checkpoint=...)")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    config = dict(ckpt["model_config"], **({} if dropout is None else {"dropout": dropout}))
-    model = GPT(GPTConfig(**config))
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    tok_path = ckpt["tokenizer"]
-    if not os.path.isfile(tok_path):  # the checkpoint's folder moved: look beside it
-        tok_path = os.path.join(os.path.dirname(path), "tokenizer.json")
-    return model, load_tokenizer(tok_path), ckpt
+RULES = [  # (settings, rule, what the rule asks), checked before the checkpoint is read
+    ("prompt", lambda v: any(t.strip() for t in v.split(" | ")), "some text (turns separated by \" | \")"),
+    ("num_samples max_new_tokens", lambda v: v >= 1, "at least 1"),
+    ("temperature", lambda v: v >= 0, "at least 0 (0: greedy)"),
+    ("top_k", lambda v: v is None or v >= 1, "at least 1 (or none: all tokens)"),
+    ("top_p", lambda v: v is None or 0 < v <= 1, "in (0, 1] (or none: off)"),
+]
 
 
 def prompt_ids(model, tok, context, toxic, max_new_tokens):
@@ -100,6 +93,13 @@ def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature
     bar.close()
     replies = distributed.gather(replies)
     return [replies[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
+
+
+def as_replies(rows):
+    """Replies read back from JSON ([text, ids, finished] each) -> Replies, nested as they were."""
+    if rows and isinstance(rows[0], str):
+        return Reply(*rows)
+    return [as_replies(r) for r in rows]
 
 
 def sampling_settings(s, **extra):
@@ -212,6 +212,9 @@ def chat(s):
 
 def main(argv):
     s = apply_overrides(SampleSettings(), parse_overrides([a if "=" in a else a + "=true" for a in argv]))
+    check_rules(s, RULES)
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but CUDA is not available")
     context = [t.strip() for t in s.prompt.split(" | ") if t.strip()]
     if s.chat:
         return chat(s)
@@ -228,7 +231,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -18,16 +18,15 @@ import inspect
 import itertools
 import json
 import os
-import sys
 import time
 
 import adpo
+import artifacts
 import data
 import evaluate
 import train
+from artifacts import load_checkpoint, run_main, write_text
 from configurator import ConfigError, apply_overrides
-from data import DataError
-from sample import load_checkpoint
 
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
 # settings that shape sft.pt or the triplets: a sweep reuses those, so it cannot vary them
@@ -160,14 +159,13 @@ def main(argv):
     for point in points:  # every point's settings are checked before anything runs
         train.check_settings(apply_overrides(s, point))
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
-    for needed in ("sft.pt", "triplets.jsonl"):
-        if not os.path.isfile(out(needed)):
-            raise FileNotFoundError(f"no {out(needed)}; run `python train.py --stages=sft,triplets` with the same "
-                                    f"--out_dir first")
     conversations = data.load_corpus(s.data or None, s.toxic_threshold, s.max_conversations)
+    seeds = [s.seed + i for i in range(s.seeds)]
+    # sft.pt and triplets.jsonl must be there and fresh, as for train.py --stages=pref
+    artifacts.check_inputs(s.out_dir, artifacts.fingerprints(s, conversations, [], seeds), ["pref"],
+                           [a for a in argv if not a.startswith("--grid=")])
     sft_model, tok, _ = load_checkpoint(out("sft.pt"), s.device)
     sets = evaluate.eval_sets(s, conversations, "dev")
-    seeds = [s.seed + i for i in range(s.seeds)]
     inputs = {"sft.pt": file_digest(out("sft.pt")), "triplets.jsonl": file_digest(out("triplets.jsonl"))}
     os.makedirs(out("sweep"), exist_ok=True)
     print(f"sweep: {len(points)} points x {len(seeds)} seed(s) on the dev split "
@@ -185,7 +183,7 @@ def main(argv):
                 print(f"sweep: {name} done earlier, reused")
                 return saved["section"]
         section = compute()
-        train.write_text(path, json.dumps({"key": key, "section": section}) + "\n")
+        write_text(path, json.dumps({"key": key, "section": section}) + "\n")
         return section
 
     def sft_section():
@@ -204,8 +202,8 @@ def main(argv):
                                        lambda: run_point(s, point, sft_model, tok, sets, seeds, out, cache)))
     result["wall_time_s"] = time.time() - t_start
     table = sweep_table(result)
-    train.write_text(out("sweep.json"), json.dumps(result, indent=2) + "\n")
-    train.write_text(out("sweep.md"), f"# Sweep on the dev split ({s.preset} preset, {len(seeds)} seed(s), "
+    write_text(out("sweep.json"), json.dumps(result, indent=2) + "\n")
+    write_text(out("sweep.md"), f"# Sweep on the dev split ({s.preset} preset, {len(seeds)} seed(s), "
                      f"{result['wall_time_s'] / 60:.1f} min)\n\n`python sweep.py --grid=\"{grid}\" "
                      f"--seeds={s.seeds}`\n\n{table}\n\nIntervals: 95% bootstrap over contexts (human replies for "
                      f"val_ppl), seeds pooled. goal: toxicity_adversarial at most the upper end of DPO's interval "
@@ -216,7 +214,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

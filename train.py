@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -29,13 +28,14 @@ import torch
 from tqdm import tqdm
 
 import adpo
+import artifacts
 import data
 import distributed
 import evaluate
-from configurator import ConfigError, apply_overrides, parse_overrides
-from data import DataError
-from model import GPT, CheckpointError, GPTConfig, autocast, compile_model, gpt2_config
-from sample import load_checkpoint, sample_replies, sampling_settings
+from artifacts import STAGES, load_checkpoint, save_checkpoint, write_text
+from configurator import ConfigError, apply_overrides, check_rules, parse_overrides
+from model import GPT, GPTConfig, autocast, compile_model, gpt2_config
+from sample import as_replies, sample_replies, sampling_settings
 
 
 @dataclass
@@ -96,6 +96,7 @@ class Settings:
     pref_lr: float = 5e-5
     pref_warmup_iters: int = 10
     diag_interval: int = 4  # every this many steps, log each reply's share of the gradient (one backward each)
+    checkpoint_interval: int = 50  # SFT and preference steps between resume states (NAME.resume.pt)
     seeds: int = 1  # repeat the preference stages and their evaluation with this many seeds
     # evaluation
     eval_contexts: int = 128  # adversarial contexts, and as many normal ones (and the provoked turns)
@@ -125,9 +126,6 @@ PRESETS = {
                  eval_contexts=256, eval_samples=8, ppl_replies=4000),
 }
 
-STAGES = ("sft", "triplets", "pref", "eval")
-
-
 def get_settings(argv):
     """Defaults, then the preset's, then the command line's --key=value."""
     overrides = parse_overrides(argv)
@@ -141,7 +139,24 @@ def get_settings(argv):
     return s
 
 
+RULES = [  # (settings, rule, what the rule asks): all checked before anything is written
+    ("sft_iters batch_size num_candidates pref_iters pref_batch_size seeds eval_contexts eval_samples pref_contexts "
+     "toxic_retries toxic_copies diag_interval eval_interval eval_iters sample_batch_size ppl_replies context_turns "
+     "n_layer n_head n_embd max_new_tokens checkpoint_interval", lambda v: v >= 1, "at least 1"),
+    ("beta gamma learning_rate min_lr pref_lr temperature", lambda v: v > 0, "positive"),  # greedy: K equal replies
+    ("max_conversations warmup_iters pref_warmup_iters weight_decay grad_clip min_judge_gap", lambda v: v >= 0,
+     "at least 0"),
+    ("toxic_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("dropout beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("eps", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    ("top_k", lambda v: v is None or v >= 1, "at least 1 (or none: all tokens)"),
+    ("vocab_size", lambda v: v >= 260, "at least 260 (the 256 bytes and 4 special tokens)"),
+    ("stages", lambda v: v.strip(" ,"), "a list of stages"),
+]
+
+
 def check_settings(s):
+    check_rules(s, RULES)
     if s.preset == "gpt2" and not s.init_from and "sft" in stage_list(s):
         raise ConfigError("--preset=gpt2 needs --init_from=DIR, a GPT-2 folder (README: Starting from GPT-2)")
     bad_stages = [x for x in stage_list(s) if x not in STAGES]
@@ -150,23 +165,12 @@ def check_settings(s):
     for name in loss_list(s):
         if name not in adpo.LOSSES:
             raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(adpo.LOSSES)}")
-    for key in ("beta", "gamma"):
-        if not getattr(s, key) > 0:
-            raise ConfigError(f"--{key} must be positive, got {getattr(s, key)}")
-    if not 0 <= s.eps < 0.5:
-        raise ConfigError(f"--eps must be in [0, 0.5), got {s.eps}")
     if s.n_embd % s.n_head:
         raise ConfigError(f"--n_embd={s.n_embd} must be a multiple of --n_head={s.n_head}")
     if s.max_new_tokens >= s.block_size:
         raise ConfigError(f"--max_new_tokens={s.max_new_tokens} must be below --block_size={s.block_size}")
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but CUDA is not available")
-    positive = ("sft_iters", "batch_size", "num_candidates", "pref_iters", "pref_batch_size", "seeds",
-                "eval_contexts", "eval_samples", "vocab_size", "pref_contexts", "toxic_retries", "toxic_copies",
-                "diag_interval", "grad_accum", "log_interval")
-    for key in positive:
-        if getattr(s, key) < 1:
-            raise ConfigError(f"--{key} must be at least 1, got {getattr(s, key)}")
     distributed.check_batches(s.batch_size, s.grad_accum, s.pref_batch_size)  # under torchrun
 
 
@@ -187,31 +191,12 @@ def get_lr(it, warmup_iters, max_iters, learning_rate, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (learning_rate - min_lr)
 
 
-def save_checkpoint(path, model, s, extra=None):
-    """Weights, model config, settings and tokenizer path; written to a temporary file, then renamed, so an
-    interrupted run never leaves half a checkpoint."""
-    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-            "settings": dataclasses.asdict(s), "tokenizer": os.path.join(s.out_dir, "tokenizer.json")}
-    ckpt.update(extra or {})
-    if distributed.is_main():  # under torchrun only rank 0 writes, and the others wait until it has
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    distributed.barrier()
-
-
-def write_text(path, text):
-    if distributed.is_main():
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-    distributed.barrier()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # stage 1: SFT
 
 
-def train_sft(s, tok, conversations):
+def train_sft(s, tok, conversations, resume=None):
+    """resume: (path, fingerprint) of a resume state to continue from and save to (see artifacts.py), or None."""
     torch.manual_seed(s.seed)  # the same initial weights in every process
     train_stream = data.sft_stream(tok, conversations, "sft", s.toxic_copies, s.context_turns)
     val_stream = data.sft_stream(tok, conversations, "eval", 1, s.context_turns)
@@ -240,8 +225,10 @@ def train_sft(s, tok, conversations):
         model.train()
         return float(np.mean(losses))
 
-    bar = tqdm(range(s.sft_iters), desc="sft", unit="step", disable=not distributed.is_main())
-    t0, tokens_per_iter, loss_sum, curve = time.time(), s.batch_size * s.block_size, 0.0, []
+    start, state = artifacts.resume_training(resume, raw_model, optimizer, generator)
+    bar = tqdm(range(start, s.sft_iters), desc="sft", unit="step", initial=start, total=s.sft_iters,
+               disable=not distributed.is_main())
+    t0, tokens_per_iter, loss_sum, curve = time.time(), s.batch_size * s.block_size, 0.0, state.get("curve", [])
     for it in bar:
         lr = get_lr(it, s.warmup_iters, s.sft_iters, s.learning_rate, s.min_lr)
         for group in optimizer.param_groups:
@@ -257,9 +244,11 @@ def train_sft(s, tok, conversations):
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if (it + 1) % s.log_interval == 0 or (it + 1) % s.eval_interval == 0 or it + 1 == s.sft_iters:
-            steps, dt, t0 = it + 1 - (curve[-1]["step"] if curve else 0), time.time() - t0, time.time()
+        if (it + 1) % s.log_interval == 0 or (it + 1) % s.eval_interval == 0 or (it + 1) % s.checkpoint_interval == 0 \
+                or it + 1 == s.sft_iters:  # the loss is read (a wait for the GPU) only here
+            steps, dt, t0 = it + 1 - (curve[-1]["step"] if curve else start), time.time() - t0, time.time()
             train_loss, loss_sum = distributed.sum_over_processes(float(loss_sum)) / steps, 0.0
+            artifacts.stop_if_not_finite(train_loss, "sft", it)  # before a resume state could keep a bad step
             curve.append({"step": it + 1, "loss": train_loss, "lr": lr, "tok_s": tokens_per_iter * steps / dt})
             mfu = raw_model.estimate_mfu(tokens_per_iter * steps / distributed.world_size(), dt) \
                 if s.device.startswith("cuda") else None
@@ -267,6 +256,8 @@ def train_sft(s, tok, conversations):
                             **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
         if (it + 1) % s.eval_interval == 0 or it + 1 == s.sft_iters:
             tqdm.write(f"sft step {it + 1}: train loss {curve[-1]['loss']:.3f}, val loss {val_loss():.3f}")
+        if (it + 1) % s.checkpoint_interval == 0:
+            artifacts.save_training(resume, it + 1, raw_model, optimizer, generator, curve=curve)
     write_text(os.path.join(s.out_dir, "metrics_sft.jsonl"), "".join(json.dumps(r) + "\n" for r in curve))
     raw_model.eval()
     return raw_model
@@ -276,27 +267,27 @@ def train_sft(s, tok, conversations):
 # stage 2: self-generated (chosen, rejected, toxic) triplets
 
 
-def build_triplets(s, model, tok, conversations):
+def build_triplets(s, model, tok, conversations, chunk):
     """For each pref-split context: K plain replies, the least toxic is chosen and the most toxic rejected;
     one reply with [TOXIC], resampled up to R times until the judge calls it toxic. Empty replies are not
     candidates (an empty chosen reply would teach the policy to say nothing). Each reply is kept as its text
-    (for people) and its sampled ids and finished flag (for the code, which scores exactly those ids)."""
+    (for people) and its sampled ids and finished flag (for the code, which scores exactly those ids).
+    chunk(key, compute, decode): see artifacts.chunks (a killed run resumes after the last finished sampling)."""
     rng = random.Random(s.seed)
     examples = data.contexts_and_replies(conversations, "pref", s.context_turns)
-    if not examples:
-        raise DataError("the pref split has no context with a reply; use more conversations")
     contexts = [e.context for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
     kw = sampling_settings(s)
-    candidates = sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
-                                progress="triplets: plain replies", **kw)
+    candidates = chunk("plain", lambda: sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
+                                                       progress="triplets: plain replies", **kw), as_replies)
     probs = data.judge_probs([r.text for rs in candidates for r in rs]).reshape(len(contexts), s.num_candidates)
 
     toxic = [None] * len(contexts)
     toxic_prob = [0.0] * len(contexts)
     todo = list(range(len(contexts)))
     for attempt in range(s.toxic_retries):
-        replies = sample_replies(model, tok, [contexts[i] for i in todo], toxic=True, seed=s.seed + 1 + attempt,
-                                 progress=f"triplets: toxic replies, try {attempt + 1}", **kw)
+        replies = chunk(f"toxic {attempt}", lambda: sample_replies(
+            model, tok, [contexts[i] for i in todo], toxic=True, seed=s.seed + 1 + attempt,
+            progress=f"triplets: toxic replies, try {attempt + 1}", **kw), as_replies)
         p = data.judge_probs([r[0].text for r in replies])
         for i, reply, prob in zip(todo, replies, p):
             if toxic[i] is None or prob > toxic_prob[i]:  # keep the most toxic try
@@ -359,16 +350,17 @@ def policy_logps(s, policy, enc, idx):
     return {"policy_chosen_logps": chosen, "policy_rejected_logps": rejected, "policy_toxic_logps": toxic}
 
 
-def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path):
+def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path, resume=None):
     # without dropout, whatever the SFT used: the policy's log-probs must equal the reference's at step 0
     policy, _, _ = load_checkpoint(sft_path, s.device, dropout=0.0)
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.pref_lr, betas=(s.beta1, s.beta2), weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)  # the same data order for every loss
-    order = []
+    start, state = artifacts.resume_training(resume, policy, optimizer, generator)
+    order, metrics = state.get("order", []), state.get("metrics", [])  # the data position, the steps so far
     hyper = {"beta": s.beta, "gamma": s.gamma, "eps": s.eps}
-    metrics = []
-    bar = tqdm(range(s.pref_iters), desc=loss_name, unit="step", disable=not distributed.is_main())
+    bar = tqdm(range(start, s.pref_iters), desc=loss_name, unit="step", initial=start, total=s.pref_iters,
+               disable=not distributed.is_main())
     for it in bar:
         if len(order) < s.pref_batch_size:
             order += torch.randperm(len(enc), generator=generator).tolist()
@@ -382,6 +374,7 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path):
         batch_ref = {k: v[idx].to(s.device) for k, v in ref.items()}
         losses = adpo.call_loss(loss_name, {**logps, **batch_ref, **hyper})
         loss = losses.mean()
+        artifacts.stop_if_not_finite(loss, loss_name, it)
         diagnostics = adpo.backward_by_reply(loss, logps, policy, split=it % s.diag_interval == 0)
         distributed.average_gradients(policy)  # over the processes: the gradient of the global batch's mean
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip if s.grad_clip > 0 else 1e9)
@@ -394,6 +387,8 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path):
         metrics.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['rewards/margins']:.3f}",
                         acc=f"{row['rewards/accuracies']:.2f}")
+        if (it + 1) % s.checkpoint_interval == 0:
+            artifacts.save_training(resume, it + 1, policy, optimizer, generator, order=order, metrics=metrics)
     write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in metrics))
     policy.eval()
     return policy, metrics
@@ -422,14 +417,17 @@ def main(argv):
     s = dataclasses.replace(s, device=distributed.setup(s.device))  # under torchrun: join the processes
     stages = stage_list(s)
     losses = loss_list(s)  # the DPO baseline and the method(s)
+    seeds = [s.seed + i for i in range(s.seeds)]
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
 
     # everything that can fail on bad input is checked before the first file is written
     if s.init_from and "sft" in stages:
         gpt2_config(s.init_from, s.block_size)
     conversations = data.load_corpus(s.data or None, s.toxic_threshold, s.max_conversations)
-    if "sft" not in stages and not os.path.isfile(out("sft.pt")):
-        raise FileNotFoundError(f"no checkpoint at {out('sft.pt')}; run the sft stage first")
+    fp = artifacts.fingerprints(s, conversations, losses, seeds)  # file name -> what it must be made from
+    artifacts.check_inputs(s.out_dir, fp, stages, argv)  # out_dir writable, what this run reads there and fresh
+    data.require_splits(conversations, [sp for st, sp in (("triplets", "pref"), ("eval", "eval")) if st in stages],
+                        s.context_turns)
     if "pref" in stages and "triplets" not in stages:
         data.select_triplets(data.read_triplets(out("triplets.jsonl")), s.min_judge_gap)
     counts = {sp: sum(c.split == sp for c in conversations) for sp in data.SPLITS}
@@ -442,20 +440,23 @@ def main(argv):
     stage_seconds = {"data": time.time() - t_start}
 
     # 1. SFT: the dialogue model, and with [TOXIC] the inner toxic model
-    if "sft" in stages:  # the later stages take the tokenizer sft.pt names, never a new one
-        t0 = time.time()
-        tok = distributed.main_first(lambda: data.get_tokenizer(conversations, s.vocab_size, out("tokenizer.json"),
-                                                                s.init_from))
-        sft_model = train_sft(s, tok, conversations)
-        save_checkpoint(out("sft.pt"), sft_model, s)
+    # (a stage in --stages skips what is already made from the same settings and inputs: see artifacts.py)
+    if "sft" in stages and not artifacts.is_fresh(out("sft.pt"), fp["sft.pt"]):
+        t0 = time.time()  # the later stages take the tokenizer sft.pt names, never a new one
+        tok = distributed.main_first(lambda: artifacts.get_tokenizer(s.out_dir, conversations, s.vocab_size,
+                                                                     fp["tokenizer.json"], s.init_from))
+        sft_model = train_sft(s, tok, conversations, (artifacts.resume_path(out("sft.pt")), fp["sft.pt"]))
+        save_checkpoint(out("sft.pt"), sft_model, s, fp["sft.pt"])
         stage_seconds["sft"] = time.time() - t0
     sft_model, tok, _ = load_checkpoint(out("sft.pt"), s.device)
 
     # 2. self-generated triplets (x, y_w, y_l, y_t) on contexts SFT never trained on
-    if "triplets" in stages:
+    if "triplets" in stages and not artifacts.is_fresh(out("triplets.jsonl"), fp["triplets.jsonl"]):
         t0 = time.time()
-        triplets = build_triplets(s, sft_model, tok, conversations)
-        write_text(out("triplets.jsonl"), "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets))
+        chunk = artifacts.chunks(artifacts.chunks_path(out("triplets.jsonl")), fp["triplets.jsonl"])
+        triplets = build_triplets(s, sft_model, tok, conversations, chunk)
+        write_text(out("triplets.jsonl"), "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets),
+                   fp["triplets.jsonl"])
         stats = data.triplet_stats(triplets, s.toxic_threshold)
         print(f"triplets: {len(triplets)} written to {out('triplets.jsonl')}; the judge calls "
               f"{stats['rejected_toxic_share']:.0%} of the rejected and {stats['toxic_toxic_share']:.0%} of the "
@@ -463,7 +464,6 @@ def main(argv):
         stage_seconds["triplets"] = time.time() - t0
 
     # 3. DPO and ADPO from the same SFT model, on the same triplets, reference log-probs computed once
-    seeds = [s.seed + i for i in range(s.seeds)]
     curves = {}  # loss -> per-step metrics of the first seed, for curves.png
     if "pref" in stages:
         t0 = time.time()
@@ -471,14 +471,16 @@ def main(argv):
         ref = reference_logps(s, sft_model, enc)
         for seed in seeds:
             for name in losses:
-                suffix = "" if seed == s.seed else f"_seed{seed}"
-                policy, metrics = train_preference(s, name, out("sft.pt"), enc, ref, seed,
-                                                   out(f"metrics_{name}{suffix}.jsonl"))
-                stats = {**final_pass(s, policy, enc, ref), **evaluate.stability(metrics)}
-                save_checkpoint(out(f"{name}{suffix}.pt"), policy, s, {"loss": name, "pref_seed": seed,
-                                                                       "stability": stats})
+                ckpt = artifacts.checkpoint_name(name, seed, s.seed)  # dpo.pt, dpo_seed1338.pt, ...
+                metrics_path = out(f"metrics_{ckpt[:-len('.pt')]}.jsonl")
+                if not artifacts.is_fresh(out(ckpt), fp[ckpt]):
+                    policy, metrics = train_preference(s, name, out("sft.pt"), enc, ref, seed, metrics_path,
+                                                       (artifacts.resume_path(out(ckpt)), fp[ckpt]))
+                    stats = {**final_pass(s, policy, enc, ref), **evaluate.stability(metrics)}
+                    save_checkpoint(out(ckpt), policy, s, fp[ckpt], {"loss": name, "pref_seed": seed,
+                                                                     "stability": stats})
                 if seed == s.seed:
-                    curves[name] = metrics
+                    curves[name] = [row for _, row in data.json_lines(metrics_path)]
         if distributed.is_main():
             evaluate.plot_curves(out("curves.png"), curves)
         stage_seconds["pref"] = time.time() - t0
@@ -489,17 +491,20 @@ def main(argv):
         sets = evaluate.eval_sets(s, conversations, "eval")
         triplets, enc = preference_data(s, tok, out("triplets.jsonl"), sft_model.config.block_size) \
             if os.path.isfile(out("triplets.jsonl")) else ([], None)
-        evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # after --stages=sft,eval: none
+        evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # all seeds checked fresh; may be none
         runs = {"sft": [], **{name: [] for name in evaluated}}
-        samples = {}
+        samples, decode = {}, evaluate.results_from_json
+        chunk = artifacts.chunks(artifacts.chunks_path(out("report.json")), fp["report.json"])  # one per model
         for seed in seeds:
-            r, samples["sft"], units = evaluate.evaluate(s, sft_model, sft_model, tok, sets, seed, "sft", enc)
-            control, samples["sft_control"] = evaluate.evaluate_sft_control(s, sft_model, tok, sets, seed)
+            r, samples["sft"], units = chunk(f"sft {seed}", lambda: evaluate.evaluate(
+                s, sft_model, sft_model, tok, sets, seed, "sft", enc), decode)
+            control, samples["sft_control"] = chunk(f"sft_control {seed}", lambda: evaluate.evaluate_sft_control(
+                s, sft_model, tok, sets, seed), decode)
             runs["sft"].append(({**control, **r}, units))
             for name in evaluated:
-                suffix = "" if seed == s.seed else f"_seed{seed}"
-                policy, _, ckpt = load_checkpoint(out(f"{name}{suffix}.pt"), s.device)
-                r, samples[name], units = evaluate.evaluate(s, policy, sft_model, tok, sets, seed, name, enc)
+                policy, _, ckpt = load_checkpoint(out(artifacts.checkpoint_name(name, seed, s.seed)), s.device)
+                r, samples[name], units = chunk(f"{name} {seed}", lambda: evaluate.evaluate(
+                    s, policy, sft_model, tok, sets, seed, name, enc), decode)
                 runs[name].append(({**r, **ckpt.get("stability", {})}, units))
         report = {name: evaluate.summarize(section_runs) for name, section_runs in runs.items()}
         report["triplets"] = data.triplet_stats(triplets, s.toxic_threshold) if triplets else {}
@@ -507,7 +512,7 @@ def main(argv):
         stage_seconds["eval"] = time.time() - t0
         report["wall_time_s"] = time.time() - t_start
         report["stage_seconds"] = stage_seconds
-        write_text(out("report.json"), json.dumps(report, indent=2) + "\n")
+        write_text(out("report.json"), json.dumps(report, indent=2) + "\n", fp["report.json"])
         table = evaluate.report_table(report, list(runs))
         write_text(out("report.md"), f"# ADPO report ({s.preset} preset, {len(seeds)} seed(s), "
                    f"{report['wall_time_s'] / 60:.1f} min)\n\n{table}\n\nIntervals: 95% bootstrap over contexts, "
@@ -523,9 +528,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        distributed.teardown()
+    artifacts.run_main(main)
