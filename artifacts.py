@@ -356,7 +356,7 @@ def stop_if_not_finite(loss, stage, step):
     """A nan or inf loss ruins every later step: stop, keeping the last good checkpoint (NAME.resume.pt) in
     out_dir. The preference stage checks every step, before the update; SFT reads its loss every few steps
     (no wait for the GPU each step) and saves a resume state only after checking the steps it holds."""
-    value = float(loss)  # a tensor (a wait for the GPU) or a number already read
+    value = float(loss.detach() if torch.is_tensor(loss) else loss)  # a tensor (a wait for the GPU) or a number
     if not math.isfinite(value):
         raise RunError(f"{stage} step {step}: the loss is {value}; stopped, out_dir keeps the last good "
                        f"checkpoint (try a lower learning rate)")

@@ -225,7 +225,8 @@ def test_train_from_a_gpt2_folder_end_to_end(gpt2_dir, tmp_path):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)  # pi = ref at step 0
 
     # a later stage without sft keeps the GPT-2 tokenizer (a corpus-trained one would not fit sft.pt)
-    result = run_train("--preset=tiny", f"--out_dir={out_dir}", "--stages=triplets", "--pref_contexts=4")
+    result = run_train("--preset=tiny", f"--out_dir={out_dir}", f"--init_from={gpt2_dir}", "--stages=triplets",
+                        "--pref_contexts=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert data.load_tokenizer(tokenizer).get_vocab() == data.gpt2_tokenizer(gpt2_dir).get_vocab()
     result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--checkpoint={out_dir}/adpo.pt",

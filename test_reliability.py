@@ -337,7 +337,7 @@ BAD_SAMPLE = [
     (["--temperature=-1"], "--temperature must be at least 0"),
     (["--top_p=0"], "--top_p must be in (0, 1]"),
     (["--num_samples=0"], "--num_samples must be at least 1"),
-    (["--max_new_tokens=1000"], "--max_new_tokens=1000 must be below the model's block size"),
+    (["--max_new_tokens=1000"], "--max_new_tokens=1000 leaves no room for a context in the block"),
     (["--checkpoint={d}/truncated.pt"], "{d}/truncated.pt: not a readable checkpoint"),
     (["--checkpoint={d}/noise.pt"], "{d}/noise.pt: not a readable checkpoint"),
     (["--checkpoint={d}/foreign.pt"], "{d}/foreign.pt: not a checkpoint written by train.py"),
