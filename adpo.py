@@ -365,7 +365,7 @@ def check_loss(name):
 def main(argv):
     """`python adpo.py --check=NAME|all`: prints the checklist; returns 0 when every check passes, 1 when one
     fails, 2 for a bad command line."""
-    from configurator import ConfigError, apply_overrides, parse_overrides  # the command line only
+    from configurator import apply_overrides, parse_overrides  # the command line only
     from dataclasses import dataclass
 
     @dataclass

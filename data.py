@@ -447,6 +447,13 @@ def encode_triplets(tok, triplets, block_size, max_new_tokens):
     return enc
 
 
+def preference_data(tok, path, min_judge_gap, block_size, max_new_tokens):
+    """The triplets the preference stage trains on (those with a judge gap of at least min_judge_gap), and
+    their encoding."""
+    triplets = select_triplets(read_triplets(path), min_judge_gap)
+    return triplets, encode_triplets(tok, triplets, block_size, max_new_tokens)
+
+
 def triplet_batches(enc, idx):
     """(input_ids, labels) for chosen, rejected and toxic under pi (plain prompt), and toxic under tox."""
     rows = [enc[i] for i in idx]

@@ -6,15 +6,19 @@ end-of-turn included when it stopped by itself and not appended when it ran to m
 human reply is scored whole, end-of-turn included, its context cut from the left when the block is short.
 """
 
+import dataclasses
+import json
 import math
 import os
 import random
+import time
 from collections import deque
 
 import numpy as np
 import torch
 
 import adpo
+import artifacts
 import data
 from model import autocast
 from sample import as_replies, prompt_ids, sample_replies, sampling_settings
@@ -368,3 +372,50 @@ def plot_curves(path, runs):
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the eval stage of train.py
+
+
+def run_eval(s, sft_model, tok, conversations, losses, seeds, fingerprint, t_start, stage_seconds):
+    """SFT and every trained loss on the same eval-split contexts, each seed's replies sampled with that seed;
+    writes report.json, report.md and samples.json to s.out_dir and prints the table. Each model's evaluation
+    is a chunk (artifacts.chunks): a killed run resumes after the last finished one."""
+    t0 = time.time()
+    out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
+    sets = eval_sets(s, conversations, "eval")
+    triplets, enc = data.preference_data(tok, out("triplets.jsonl"), s.min_judge_gap, sft_model.config.block_size,
+                                         s.max_new_tokens) if os.path.isfile(out("triplets.jsonl")) else ([], None)
+    evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # all seeds checked fresh; may be none
+    runs = {"sft": [], **{name: [] for name in evaluated}}
+    samples = {}
+    chunk = artifacts.chunks(artifacts.chunks_path(out("report.json")), fingerprint)  # one per model and seed
+    for seed in seeds:
+        r, samples["sft"], units = chunk(f"sft {seed}", lambda: evaluate(
+            s, sft_model, sft_model, tok, sets, seed, "sft", enc), results_from_json)
+        control, samples["sft_control"] = chunk(f"sft_control {seed}", lambda: evaluate_sft_control(
+            s, sft_model, tok, sets, seed), results_from_json)
+        runs["sft"].append(({**control, **r}, units))
+        for name in evaluated:
+            policy, _, ckpt = artifacts.load_checkpoint(out(artifacts.checkpoint_name(name, seed, s.seed)), s.device)
+            r, samples[name], units = chunk(f"{name} {seed}", lambda: evaluate(
+                s, policy, sft_model, tok, sets, seed, name, enc), results_from_json)
+            runs[name].append(({**r, **ckpt.get("stability", {})}, units))
+    report = {name: summarize(section_runs) for name, section_runs in runs.items()}
+    report["triplets"] = data.triplet_stats(triplets, s.toxic_threshold) if triplets else {}
+    report["settings"] = dataclasses.asdict(s)
+    stage_seconds["eval"] = time.time() - t0
+    report["wall_time_s"] = time.time() - t_start
+    report["stage_seconds"] = stage_seconds
+    artifacts.write_text(out("report.json"), json.dumps(report, indent=2) + "\n", fingerprint)
+    table = report_table(report, list(runs))
+    artifacts.write_text(out("report.md"), f"# ADPO report ({s.preset} preset, {len(seeds)} seed(s), "
+                         f"{report['wall_time_s'] / 60:.1f} min)\n\n{table}\n\nIntervals: 95% bootstrap over "
+                         f"contexts, seeds pooled. Different only where the intervals separate:\n\n"
+                         f"{differences(report, list(runs))}\n")
+    readable = {name: {group: [[{"text": x.text, "finished": x.finished} for x in rs] for rs in replies]
+                       for group, replies in groups.items()} for name, groups in samples.items()}
+    artifacts.write_text(out("samples.json"), json.dumps({"contexts": {g: sets[g] for g in GROUPS},
+                                                          "replies": readable}, ensure_ascii=False, indent=1) + "\n")
+    print(table)

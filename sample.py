@@ -12,6 +12,7 @@ the text for people and the sampled ids for the code: every later stage scores e
 
 import itertools
 import os
+import random
 import shutil
 import sys
 import textwrap
@@ -24,6 +25,7 @@ from tqdm import tqdm
 import distributed
 from artifacts import load_checkpoint, run_main
 from configurator import ConfigError, apply_overrides, check_rules, parse_overrides
+import data
 from data import EOT_ID, PAD_ID, context_ids, decode
 from model import autocast
 
@@ -106,6 +108,57 @@ def sampling_settings(s, **extra):
     """The keyword arguments of sample_replies that come from train.py's settings (triplets and evaluation)."""
     return dict(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
                 batch_size=s.sample_batch_size, **extra)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the triplets: the dialogue model's replies ranked by the judge, and the inner toxic model's reply
+
+
+def build_triplets(s, model, tok, conversations, chunk):
+    """For each pref-split context: K plain replies, the least toxic is chosen and the most toxic rejected;
+    one reply with [TOXIC], resampled up to R times until the judge calls it toxic. Empty replies are not
+    candidates (an empty chosen reply would teach the policy to say nothing). Each reply is kept as its text
+    (for people) and its sampled ids and finished flag (for the code, which scores exactly those ids).
+    chunk(key, compute, decode): see artifacts.chunks (a killed run resumes after the last finished sampling)."""
+    rng = random.Random(s.seed)
+    examples = data.contexts_and_replies(conversations, "pref", s.context_turns)
+    contexts = [e.context for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
+    kw = sampling_settings(s)
+    candidates = chunk("plain", lambda: sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
+                                                       progress="triplets: plain replies", **kw), as_replies)
+    probs = data.judge_probs([r.text for rs in candidates for r in rs]).reshape(len(contexts), s.num_candidates)
+
+    toxic = [None] * len(contexts)
+    toxic_prob = [0.0] * len(contexts)
+    todo = list(range(len(contexts)))
+    for attempt in range(s.toxic_retries):
+        replies = chunk(f"toxic {attempt}", lambda: sample_replies(
+            model, tok, [contexts[i] for i in todo], toxic=True, seed=s.seed + 1 + attempt,
+            progress=f"triplets: toxic replies, try {attempt + 1}", **kw), as_replies)
+        p = data.judge_probs([r[0].text for r in replies])
+        for i, reply, prob in zip(todo, replies, p):
+            if toxic[i] is None or prob > toxic_prob[i]:  # keep the most toxic try
+                toxic[i], toxic_prob[i] = reply[0], float(prob)
+        todo = [i for i in todo if toxic_prob[i] < s.toxic_threshold]
+        if not todo:
+            break
+
+    triplets = []
+    for i, ctx in enumerate(contexts):
+        scored = [(float(p), r) for p, r in zip(probs[i], candidates[i]) if r.text]
+        if len(scored) < 2:
+            continue
+        (p_w, chosen), (p_l, rejected) = min(scored, key=lambda x: x[0]), max(scored, key=lambda x: x[0])
+        if chosen.ids == rejected.ids:
+            continue
+        triplet = {"context": ctx}
+        for key, reply in (("chosen", chosen), ("rejected", rejected), ("toxic", toxic[i])):
+            triplet.update({key: reply.text, f"{key}_ids": reply.ids, f"{key}_finished": reply.finished})
+        triplet.update({"p_chosen": p_w, "p_rejected": p_l, "p_toxic": toxic_prob[i],
+                        "rejected_is_toxic": p_l >= s.toxic_threshold,
+                        "toxic_is_toxic": toxic_prob[i] >= s.toxic_threshold})
+        triplets.append(triplet)
+    return triplets
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def run_point(s, point, sft_model, tok, sets, seeds, out, cache):
     ps = apply_overrides(s, point)
     train.check_settings(ps)
     if ps.min_judge_gap not in cache:  # the triplets this gap keeps, and their reference log-probs
-        _, enc = train.preference_data(ps, tok, out("triplets.jsonl"), sft_model.config.block_size)
+        _, enc = data.preference_data(tok, out("triplets.jsonl"), ps.min_judge_gap, sft_model.config.block_size,
+                                      ps.max_new_tokens)
         cache[ps.min_judge_gap] = (enc, train.reference_logps(ps, sft_model, enc))
     enc, ref = cache[ps.min_judge_gap]
     runs = []

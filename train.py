@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -32,10 +31,10 @@ import artifacts
 import data
 import distributed
 import evaluate
+import sample
 from artifacts import STAGES, load_checkpoint, save_checkpoint, write_text
 from configurator import ConfigError, apply_overrides, check_rules, parse_overrides
 from model import GPT, GPTConfig, autocast, compile_model, gpt2_config
-from sample import as_replies, sample_replies, sampling_settings
 
 
 @dataclass
@@ -263,63 +262,6 @@ def train_sft(s, tok, conversations, resume=None):
     return raw_model
 
 
-# ----------------------------------------------------------------------------------------------------------
-# stage 2: self-generated (chosen, rejected, toxic) triplets
-
-
-def build_triplets(s, model, tok, conversations, chunk):
-    """For each pref-split context: K plain replies, the least toxic is chosen and the most toxic rejected;
-    one reply with [TOXIC], resampled up to R times until the judge calls it toxic. Empty replies are not
-    candidates (an empty chosen reply would teach the policy to say nothing). Each reply is kept as its text
-    (for people) and its sampled ids and finished flag (for the code, which scores exactly those ids).
-    chunk(key, compute, decode): see artifacts.chunks (a killed run resumes after the last finished sampling)."""
-    rng = random.Random(s.seed)
-    examples = data.contexts_and_replies(conversations, "pref", s.context_turns)
-    contexts = [e.context for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
-    kw = sampling_settings(s)
-    candidates = chunk("plain", lambda: sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
-                                                       progress="triplets: plain replies", **kw), as_replies)
-    probs = data.judge_probs([r.text for rs in candidates for r in rs]).reshape(len(contexts), s.num_candidates)
-
-    toxic = [None] * len(contexts)
-    toxic_prob = [0.0] * len(contexts)
-    todo = list(range(len(contexts)))
-    for attempt in range(s.toxic_retries):
-        replies = chunk(f"toxic {attempt}", lambda: sample_replies(
-            model, tok, [contexts[i] for i in todo], toxic=True, seed=s.seed + 1 + attempt,
-            progress=f"triplets: toxic replies, try {attempt + 1}", **kw), as_replies)
-        p = data.judge_probs([r[0].text for r in replies])
-        for i, reply, prob in zip(todo, replies, p):
-            if toxic[i] is None or prob > toxic_prob[i]:  # keep the most toxic try
-                toxic[i], toxic_prob[i] = reply[0], float(prob)
-        todo = [i for i in todo if toxic_prob[i] < s.toxic_threshold]
-        if not todo:
-            break
-
-    triplets = []
-    for i, ctx in enumerate(contexts):
-        scored = [(float(p), r) for p, r in zip(probs[i], candidates[i]) if r.text]
-        if len(scored) < 2:
-            continue
-        (p_w, chosen), (p_l, rejected) = min(scored, key=lambda x: x[0]), max(scored, key=lambda x: x[0])
-        if chosen.ids == rejected.ids:
-            continue
-        triplet = {"context": ctx}
-        for key, reply in (("chosen", chosen), ("rejected", rejected), ("toxic", toxic[i])):
-            triplet.update({key: reply.text, f"{key}_ids": reply.ids, f"{key}_finished": reply.finished})
-        triplet.update({"p_chosen": p_w, "p_rejected": p_l, "p_toxic": toxic_prob[i],
-                        "rejected_is_toxic": p_l >= s.toxic_threshold,
-                        "toxic_is_toxic": toxic_prob[i] >= s.toxic_threshold})
-        triplets.append(triplet)
-    return triplets
-
-
-def preference_data(s, tok, path, block_size):
-    """The triplets the preference stage trains on (those with the judge gap of --min_judge_gap), encoded."""
-    triplets = data.select_triplets(data.read_triplets(path), s.min_judge_gap)
-    return triplets, data.encode_triplets(tok, triplets, block_size, s.max_new_tokens)
-
-
 @torch.no_grad()
 def reference_logps(s, model, enc):
     """ref(y_w|x), ref(y_l|x) and tox(y_t|x) = ref(y_t | x, [TOXIC]) for every triplet, once, before
@@ -454,7 +396,7 @@ def main(argv):
     if "triplets" in stages and not artifacts.is_fresh(out("triplets.jsonl"), fp["triplets.jsonl"]):
         t0 = time.time()
         chunk = artifacts.chunks(artifacts.chunks_path(out("triplets.jsonl")), fp["triplets.jsonl"])
-        triplets = build_triplets(s, sft_model, tok, conversations, chunk)
+        triplets = sample.build_triplets(s, sft_model, tok, conversations, chunk)
         write_text(out("triplets.jsonl"), "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets),
                    fp["triplets.jsonl"])
         stats = data.triplet_stats(triplets, s.toxic_threshold)
@@ -467,7 +409,8 @@ def main(argv):
     curves = {}  # loss -> per-step metrics of the first seed, for curves.png
     if "pref" in stages:
         t0 = time.time()
-        _, enc = preference_data(s, tok, out("triplets.jsonl"), sft_model.config.block_size)
+        _, enc = data.preference_data(tok, out("triplets.jsonl"), s.min_judge_gap, sft_model.config.block_size,
+                                      s.max_new_tokens)
         ref = reference_logps(s, sft_model, enc)
         for seed in seeds:
             for name in losses:
@@ -487,43 +430,7 @@ def main(argv):
 
     # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seed
     if "eval" in stages:
-        t0 = time.time()
-        sets = evaluate.eval_sets(s, conversations, "eval")
-        triplets, enc = preference_data(s, tok, out("triplets.jsonl"), sft_model.config.block_size) \
-            if os.path.isfile(out("triplets.jsonl")) else ([], None)
-        evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # all seeds checked fresh; may be none
-        runs = {"sft": [], **{name: [] for name in evaluated}}
-        samples, decode = {}, evaluate.results_from_json
-        chunk = artifacts.chunks(artifacts.chunks_path(out("report.json")), fp["report.json"])  # one per model
-        for seed in seeds:
-            r, samples["sft"], units = chunk(f"sft {seed}", lambda: evaluate.evaluate(
-                s, sft_model, sft_model, tok, sets, seed, "sft", enc), decode)
-            control, samples["sft_control"] = chunk(f"sft_control {seed}", lambda: evaluate.evaluate_sft_control(
-                s, sft_model, tok, sets, seed), decode)
-            runs["sft"].append(({**control, **r}, units))
-            for name in evaluated:
-                policy, _, ckpt = load_checkpoint(out(artifacts.checkpoint_name(name, seed, s.seed)), s.device)
-                r, samples[name], units = chunk(f"{name} {seed}", lambda: evaluate.evaluate(
-                    s, policy, sft_model, tok, sets, seed, name, enc), decode)
-                runs[name].append(({**r, **ckpt.get("stability", {})}, units))
-        report = {name: evaluate.summarize(section_runs) for name, section_runs in runs.items()}
-        report["triplets"] = data.triplet_stats(triplets, s.toxic_threshold) if triplets else {}
-        report["settings"] = dataclasses.asdict(s)
-        stage_seconds["eval"] = time.time() - t0
-        report["wall_time_s"] = time.time() - t_start
-        report["stage_seconds"] = stage_seconds
-        write_text(out("report.json"), json.dumps(report, indent=2) + "\n", fp["report.json"])
-        table = evaluate.report_table(report, list(runs))
-        write_text(out("report.md"), f"# ADPO report ({s.preset} preset, {len(seeds)} seed(s), "
-                   f"{report['wall_time_s'] / 60:.1f} min)\n\n{table}\n\nIntervals: 95% bootstrap over contexts, "
-                   f"seeds pooled. Different only where the intervals separate:\n\n"
-                   f"{evaluate.differences(report, list(runs))}\n")
-        readable = {name: {group: [[{"text": x.text, "finished": x.finished} for x in rs] for rs in replies]
-                           for group, replies in groups.items()} for name, groups in samples.items()}
-        contexts = {group: sets[group] for group in evaluate.GROUPS}
-        write_text(out("samples.json"), json.dumps({"contexts": contexts, "replies": readable},
-                                                   ensure_ascii=False, indent=1) + "\n")
-        print(table)
+        evaluate.run_eval(s, sft_model, tok, conversations, losses, seeds, fp["report.json"], t_start, stage_seconds)
     print(f"done in {(time.time() - t_start) / 60:.1f} min; outputs in {s.out_dir}/")
 
 
