@@ -86,9 +86,11 @@ class Settings:
     toxic_retries: int = 3  # R tries at a reply with [TOXIC] that the judge calls toxic
     min_judge_gap: float = 0.0  # train only on triplets with p(rejected) - p(chosen) at least this
     # preference optimization
-    loss: str = "adpo"  # trained beside the DPO baseline; names in adpo.LOSSES, several with commas
+    # trained beside the DPO baseline (names in adpo.LOSSES): the paper's ADPO, and ADPO-split, the form and gamma
+    # that cut toxicity as much as DPO and kept perplexity within 15% of SFT's in the sweep on the dev split (README)
+    loss: str = "adpo,adpo_split"
     beta: float = 0.1  # weight of the chosen/rejected margin
-    gamma: float = 0.1  # weight of the toxic term (ADPO)
+    gamma: float = 0.03  # weight of the toxic term (ADPO); the paper's setting 0.1 costs coherence here (README)
     eps: float = 0.1  # label-flip rate (cDPO)
     pref_iters: int = 64  # optimizer steps per loss (about 2 epochs of the cpu preset's triplets)
     pref_batch_size: int = 16  # triplets per step, over all processes under torchrun
@@ -104,8 +106,8 @@ class Settings:
 
 
 PRESETS = {
-    # every stage on 2 CPU cores in about a minute: tests and CI
-    "tiny": dict(max_conversations=400, vocab_size=512, n_layer=2, n_head=2, n_embd=64, block_size=64,
+    # every stage on 2 CPU cores in about a minute, ADPO only beside DPO: tests and CI
+    "tiny": dict(loss="adpo", max_conversations=400, vocab_size=512, n_layer=2, n_head=2, n_embd=64, block_size=64,
                  sft_iters=60, batch_size=16, learning_rate=3e-3, min_lr=3e-4, warmup_iters=10,
                  eval_interval=30, eval_iters=2, max_new_tokens=12, pref_contexts=24, num_candidates=3,
                  toxic_retries=1, pref_iters=6, pref_batch_size=8, pref_warmup_iters=2, eval_contexts=8,
