@@ -192,7 +192,7 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps, policy_toxic_
 # the loss checker: `python adpo.py --check=NAME` (or --check=all). Before training a loss for an hour, check
 # the properties every loss of the family must have, on numbers small enough to verify by hand.
 
-CHECK_HYPER = {"beta": 0.1, "gamma": 0.1, "eps": 0.1}  # the trainer's defaults
+CHECK_HYPER = {"beta": 0.1, "gamma": 0.1, "eps": 0.1}  # the losses' own defaults (train.py uses gamma 0.03)
 
 # L when the policy equals its baseline on every reply (pi = ref on y_w and y_l, pi = tox on y_t: every h is 0).
 # A loss not named here is only checked to give one value for every example (it may depend on the log-ratios

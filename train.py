@@ -9,7 +9,7 @@ The whole ADPO pipeline, stage by stage, as in the paper's method section:
   eval      toxicity, coherence, evasiveness and stability, side by side                     -> report.json/.md
 
     python train.py                       # the default preset: gpu with CUDA, else cpu
-    python train.py --preset=tiny         # every stage in about a minute (tests and CI)
+    python train.py --preset=tiny         # every stage in seconds to a minute (tests and CI)
     python train.py --loss=ipo --beta=0.5 # any --key=value below
     torchrun --standalone --nproc_per_node=2 train.py   # 2 processes (GPUs; gloo on CPU), see distributed.py
 """
@@ -112,7 +112,7 @@ PRESETS = {
                  eval_interval=30, eval_iters=2, max_new_tokens=12, pref_contexts=24, num_candidates=3,
                  toxic_retries=1, pref_iters=6, pref_batch_size=8, pref_warmup_iters=2, eval_contexts=8,
                  eval_samples=2, ppl_replies=32, toxic_copies=2),
-    # 2 CPU cores, about 25 minutes in all
+    # 2 CPU cores, about 20 minutes in all (measured: 18.9)
     "cpu": dict(),
     # one GPU: the whole corpus, a larger model, three seeds
     "gpu": dict(vocab_size=8192, n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1,
