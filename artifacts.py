@@ -1,50 +1,41 @@
 """
-What each stage writes to out_dir, and why a rerun can trust it. A run can be killed, rerun with other settings
-or data, or handed a file from someone else; none of these may give a wrong result.
+The machinery behind train.py: one Run object, built by main(), owns out_dir and everything a rerun relies on,
+so that the method's functions take plain arguments. A run can be killed, rerun with other settings or data,
+or handed a file from someone else; none of these may give a wrong result.
 
-- Fingerprints: out_dir/fingerprints.json records, for each finished artifact, a hash of the settings and inputs
-  it depends on: the corpus' content for tokenizer.json, then each artifact the fingerprint of the one it is
-  built from (tokenizer -> sft.pt -> triplets.jsonl -> dpo.pt, adpo.pt -> report.json). A file whose recorded
-  fingerprint differs from the one this command would give is stale: its stage rebuilds it, or, when the stage
-  is not in --stages, the run stops before writing anything, naming the file and the command that rebuilds it.
+- Fingerprints: out_dir/fingerprints.json records, for each finished artifact, a hash of the settings, the
+  inputs and the code it is computed from: the corpus' content for tokenizer.json, then each artifact the
+  fingerprint of the one it is built from (tokenizer -> sft.pt -> triplets.jsonl -> dpo.pt, adpo.pt ->
+  report.json). A file whose recorded fingerprint differs from this command's is stale: its stage rebuilds
+  it, or, when the stage is not in --stages, the run stops before writing anything, naming the file and the
+  command that rebuilds it.
 - Completion: every file is written to a temporary name and renamed (os.replace is atomic), and recorded in
   fingerprints.json only after that, so a file killed half-way is never taken for a finished one.
 - Resume: SFT and each preference run save NAME.resume.pt every --checkpoint_interval steps (weights,
   optimizer, step, the RNG states and the data order); the same command, rerun, continues from there. The
-  sampling stages keep each finished chunk in NAME.chunks.json until the stage is done.
-- Safe loading: torch.load(weights_only=True) only rebuilds tensors and plain values. A full pickle can run any
-  code while it loads, so a checkpoint that needs one is refused, never opened.
-- Errors a user can cause end in one line `error: ...` and exit code 1 (run_main).
+  sampling stages keep each finished piece (a sampling call, a model's evaluation) in NAME.chunks.json.
+- torchrun: only rank 0 writes; sampling splits the rows over the processes and gathers the replies.
 """
 
-import dataclasses
 import hashlib
+import importlib
+import inspect
 import json
-import math
 import os
-import pickle
 import random
-import re
-import sys
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 import data
 import distributed
-from configurator import ConfigError
-from data import DataError
-from model import GPT, CheckpointError, GPTConfig
+import sample
+from checks import STAGES, RunError, check_finite, check_out_dir, checkpoint_dict, read_checkpoint
+from model import compile_model
 
-
-class RunError(ValueError):
-    """A run that cannot go on: a stale, missing, corrupt or refused artifact, or a non-finite loss. The
-    message is one line for the user."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# fingerprints: which settings each artifact depends on, besides the artifact it is built from
-
+# the settings each artifact depends on, besides the artifact it is built from
 DEPENDS_ON = {
     "tokenizer.json": ("vocab_size", "init_from"),  # and the corpus (data, max_conversations, toxic_threshold)
     "sft.pt": ("seed", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size", "dropout",
@@ -52,8 +43,8 @@ DEPENDS_ON = {
                "beta1", "beta2", "grad_clip"),
     "triplets.jsonl": ("seed", "context_turns", "toxic_threshold", "temperature", "top_k", "max_new_tokens",
                        "sample_batch_size", "pref_contexts", "num_candidates", "toxic_retries"),
-    "pref": ("min_judge_gap", "max_new_tokens", "beta", "gamma", "eps", "pref_iters", "pref_batch_size", "pref_lr",
-             "pref_warmup_iters", "beta1", "beta2", "grad_clip", "diag_interval"),  # and the loss and seed
+    "pref": ("min_judge_gap", "max_new_tokens", "beta", "gamma", "eps", "pref_iters", "pref_batch_size",
+             "pref_lr", "pref_warmup_iters", "beta1", "beta2", "grad_clip", "diag_interval"),  # + loss, seed
     "report.json": ("seed", "context_turns", "toxic_threshold", "temperature", "top_k", "max_new_tokens",
                     "sample_batch_size", "min_judge_gap", "eval_contexts", "eval_samples", "ppl_replies"),
 }
@@ -61,12 +52,6 @@ DEPENDS_ON = {
 # --loss/--seeds enter through the corpus' content and each checkpoint's own loss and seed)
 CHANGE_NO_ARTIFACT = ("preset", "out_dir", "stages", "device", "data", "max_conversations", "loss", "seeds",
                       "eval_interval", "eval_iters", "checkpoint_interval", "compile", "grad_accum", "log_interval")
-# the code that computes each artifact: a loss edited in adpo.py makes dpo.pt and adpo.pt stale (train.py, the
-# order of the stages, is not tracked: after editing it, delete what the edit changes)
-CODE = {"tokenizer.json": (), "sft.pt": ("model.py", "data.py"), "triplets.jsonl": ("sample.py",), "pref": ("adpo.py",),
-        "report.json": ("evaluate.py",)}
-HERE = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("sft", "triplets", "pref", "eval")
 STAGE_OF = {"tokenizer.json": "sft", "sft.pt": "sft", "triplets.jsonl": "triplets", "report.json": "eval"}
 
 
@@ -78,14 +63,13 @@ def checkpoint_name(loss, seed, first_seed):
     return f"{loss}.pt" if seed == first_seed else f"{loss}_seed{seed}.pt"
 
 
-def fingerprints(s, conversations, losses, seeds):
-    """{file name: fingerprint} of every artifact this command would write, before any is written."""
-    def pick(name):  # the settings and the source code the artifact depends on
-        code = []
-        for file_name in CODE[name]:
-            with open(os.path.join(HERE, file_name), encoding="utf-8") as f:
-                code.append(f.read())
-        return {k: getattr(s, k) for k in DEPENDS_ON[name]}, code
+def fingerprints(s, conversations, losses, seeds, code):
+    """{file name: fingerprint} of every artifact this command would write, before any is written. code: the
+    modules (by name) and functions that compute each artifact (train.CODE), hashed by their source."""
+    def pick(name):
+        sources = [inspect.getsource(importlib.import_module(x) if isinstance(x, str) else x)
+                   for x in code.get(name, ())]
+        return {k: getattr(s, k) for k in DEPENDS_ON[name]}, sources
 
     corpus = digest([(c.id, c.turns, c.toxic, c.split) for c in conversations])
     fp = {"tokenizer.json": digest(corpus, pick("tokenizer.json"))}
@@ -159,28 +143,8 @@ def check_inputs(out_dir, fp, stages, argv):
                            f"rebuild it with: {command}")
 
 
-def check_out_dir(out_dir):
-    """An out_dir that cannot be created or written stops the run before any stage starts."""
-    parent = os.path.abspath(out_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise RunError(f"cannot write to --out_dir={out_dir}: {parent} is not a writable folder")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# writing: a temporary file, then an atomic rename
-
-
-def write_text(path, text, fingerprint=None):
-    """Under torchrun only rank 0 writes; the others wait until it has."""
-    if distributed.is_main():
-        atomic_write(path, text)
-        if fingerprint is not None:
-            record(path, fingerprint)
-            if os.path.exists(chunks_path(path)):
-                os.remove(chunks_path(path))  # the pieces of a finished stage
-    distributed.barrier()
+# writing: a temporary file, then an atomic rename; under torchrun only rank 0 writes, the others wait
 
 
 def atomic_write(path, text):
@@ -188,6 +152,17 @@ def atomic_write(path, text):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def write_text(path, text, fingerprint=None):
+    """path written whole or not at all; with a fingerprint, recorded as finished, its chunks removed."""
+    if distributed.is_main():
+        atomic_write(path, text)
+        if fingerprint is not None:
+            record(path, fingerprint)
+            if os.path.exists(chunks_path(path)):
+                os.remove(chunks_path(path))  # the pieces of a finished stage
+    distributed.barrier()
 
 
 def save(obj, path):
@@ -198,94 +173,20 @@ def save(obj, path):
     distributed.barrier()
 
 
-def get_tokenizer(out_dir, conversations, vocab_size, fingerprint, init_from=""):
-    """tokenizer.json if it is fresh; else a new one (data.get_tokenizer; GPT-2's with init_from), recorded.
-    Under torchrun rank 0 makes it first, the others then find it fresh."""
-    path = os.path.join(out_dir, "tokenizer.json")
-    if is_fresh(path, fingerprint):
-        return data.load_tokenizer(path)
-    if os.path.exists(path):
-        os.remove(path)  # stale: data.get_tokenizer would reuse any tokenizer of the same size, whatever its corpus
-    tok = data.get_tokenizer(conversations, vocab_size, path, init_from)
-    record(path, fingerprint)
-    return tok
-
-
-def save_checkpoint(path, model, s, fingerprint=None, extra=None):
-    """Weights, model config, settings, tokenizer path and fingerprint, written atomically; then recorded as
-    finished, and the resume state of its training, now useless, removed."""
-    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-            "settings": dataclasses.asdict(s), "tokenizer": os.path.join(s.out_dir, "tokenizer.json"),
-            "fingerprint": fingerprint, **(extra or {})}
-    save(ckpt, path)
-    if fingerprint is not None and distributed.is_main():
-        record(path, fingerprint)
-        if os.path.exists(resume_path(path)):
-            os.remove(resume_path(path))
-    distributed.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# loading: tensors and plain values only
-
-
-def read_checkpoint(path, device="cpu"):
-    """The dict saved in path, never running code from it: weights_only=True refuses any pickled object other
-    than tensors, numbers, strings, lists and dicts (a callable in a shared file would run on a full load)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; run `python train.py` first (or pass --checkpoint=...)")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))  # what a full load would call
-        if refused:
-            raise RunError(f"{path}: refused: loading it would call {refused.group(1)} (a checkpoint from "
-                           f"train.py holds only tensors and plain values)") from None
-        raise RunError(f"{path}: not a readable checkpoint (corrupt)") from None
-    except Exception:  # noqa: BLE001 (a truncated zip, random bytes, an empty file: torch raises many kinds)
-        raise RunError(f"{path}: not a readable checkpoint (truncated or corrupt)") from None
-
-
-def load_checkpoint(path, device="cpu", dropout=None):
-    """(model in eval mode, tokenizer, checkpoint dict) from a file written by train.py. dropout, when given,
-    replaces the checkpoint's (the preference stage needs 0: with dropout the policy's log-probs are noisy,
-    and pi = ref would not hold at step 0)."""
-    ckpt = read_checkpoint(path, device)
-    missing = [k for k in ("model", "model_config", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise RunError(f"{path}: not a checkpoint written by train.py (no {missing[0]!r})")
-    try:
-        config = GPTConfig(**dict(ckpt["model_config"], **({} if dropout is None else {"dropout": dropout})))
-        model = GPT(config)
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, ValueError):
-        raise RunError(f"{path}: its weights do not fit its model config (written by another version?)") from None
-    model.to(device).eval()
-    tok_path = ckpt["tokenizer"]
-    if not os.path.isfile(tok_path):  # the checkpoint's folder moved: look beside it
-        tok_path = os.path.join(os.path.dirname(path), "tokenizer.json")
-    if not os.path.isfile(tok_path):
-        raise RunError(f"{path}: no tokenizer.json beside it (nor at {ckpt['tokenizer']})")
-    try:
-        tok = data.load_tokenizer(tok_path)
-    except Exception:  # noqa: BLE001 (tokenizers raises its own Exception on a broken file)
-        raise RunError(f"{tok_path}: not a readable tokenizer (truncated or corrupt)") from None
-    if tok.get_vocab_size() > config.vocab_size:
-        raise RunError(f"{tok_path} has {tok.get_vocab_size()} tokens, more than {path}'s model "
-                       f"({config.vocab_size}): not the tokenizer it was trained with")
-    return model, tok, ckpt
-
-
-# ----------------------------------------------------------------------------------------------------------
-# resume: the whole training state every --checkpoint_interval steps
-
-
 def resume_path(path):
     return os.path.splitext(path)[0] + ".resume.pt"
 
 
+def chunks_path(path):
+    return os.path.splitext(path)[0] + ".chunks.json"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resume: every random state a training step reads, as tensors and plain values (weights_only loading)
+
+
 def rng_states(generator):
-    """Every random state a training step reads: torch's (CUDA's too), numpy's, Python's and the batches'."""
+    """torch's (CUDA's too), numpy's, Python's and the batches' random states."""
     numpy_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -305,73 +206,136 @@ def set_rng_states(states, generator):
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_training(resume, step, model, optimizer, generator, **extra):
-    """resume = (path of NAME.resume.pt, fingerprint of NAME.pt), or None for no resume state."""
-    if resume is not None:
-        path, fingerprint = resume
-        save({"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-              "optimizer": optimizer.state_dict(), "rng": rng_states(generator), **extra}, path)
-
-
-def resume_training(resume, model, optimizer, generator):
-    """The step to start from (0, or that of a resume state of the same fingerprint, restored into model,
-    optimizer and RNGs), and the extra state saved with it. A resume state of other settings is ignored."""
-    if resume is None or not os.path.isfile(resume[0]):
-        return 0, {}
-    state = read_checkpoint(resume[0])
-    if state.get("fingerprint") != resume[1]:
-        return 0, {}
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_states(state["rng"], generator)
-    print(f"{os.path.basename(resume[0])}: resumed at step {state['step']}")
-    return state["step"], state
-
-
-def chunks_path(path):
-    return os.path.splitext(path)[0] + ".chunks.json"
-
-
-def chunks(path, fingerprint):
-    """The sampling stages resume by chunk (one sample_replies call, one model's evaluation): returns
-    chunk(key, compute, decode) -> decode(compute()), where compute runs only if no earlier run of the same
-    fingerprint saved its result under key in path (JSON: never code). Both paths return the result as read
-    back from JSON, so a resumed stage and an uninterrupted one compute with the very same numbers."""
-    saved = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-        saved = stored["chunks"] if stored.get("fingerprint") == fingerprint else {}
-        print(f"{os.path.basename(path)}: resumed after {len(saved)} finished chunk(s)")
-
-    def chunk(key, compute, decode=lambda value: value):
-        if key not in saved:
-            saved[key] = json.loads(json.dumps(compute(), default=lambda x: x.tolist()))  # numpy, torch -> lists
-            write_text(path, json.dumps({"fingerprint": fingerprint, "chunks": saved}))
-        return decode(saved[key])
-    return chunk
-
-
-def stop_if_not_finite(loss, stage, step):
-    """A nan or inf loss ruins every later step: stop, keeping the last good checkpoint (NAME.resume.pt) in
-    out_dir. The preference stage checks every step, before the update; SFT reads its loss every few steps
-    (no wait for the GPU each step) and saves a resume state only after checking the steps it holds."""
-    value = float(loss.detach() if torch.is_tensor(loss) else loss)  # a tensor (a wait for the GPU) or a number
-    if not math.isfinite(value):
-        raise RunError(f"{stage} step {step}: the loss is {value}; stopped, out_dir keeps the last good "
-                       f"checkpoint (try a lower learning rate)")
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_main(main):
-    """Run main(argv); an error the user caused (settings, data, artifacts, files) ends in one line."""
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, CheckpointError, RunError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # an unwritable or full out_dir
-        sys.exit(f"error: {e.filename or ''}: {e.strerror or e}")
-    finally:
-        distributed.teardown()
+class Run:
+    """One command's hold on out_dir. train.py's steps ask it three kinds of things: is an artifact fresh
+    (skip its step), save and resume training (two calls in a loop), and write a file or a piece of a stage."""
+
+    def __init__(self, s, argv=(), conversations=None, losses=(), seeds=(), code=None, stages=()):
+        """Checks, before anything is written, that what the stages read is there and fresh. Without
+        conversations, a run that keeps nothing between commands (no fingerprints: tests, sweep points)."""
+        self.s = s
+        self.t_start = time.time()
+        self.fp = {}
+        if conversations is not None:
+            self.fp = fingerprints(s, conversations, losses, seeds, code or {})
+            check_inputs(s.out_dir, self.fp, stages, argv)
+        self.stage_seconds = {}
+        self._chunks = {}
+
+    def path(self, name):
+        return os.path.join(self.s.out_dir, name)
+
+    def fresh(self, name):
+        return is_fresh(self.path(name), self.fp[name])
+
+    @contextmanager
+    def timed(self, stage):
+        t0 = time.time()
+        yield
+        self.stage_seconds[stage] = time.time() - t0
+
+    def wall_time(self):
+        return time.time() - self.t_start
+
+    def write(self, name, text):
+        """out_dir/name, atomically; an artifact (a name with a fingerprint) is then recorded as finished."""
+        write_text(self.path(name), text, self.fp.get(name))
+
+    def save_checkpoint(self, name, model, tok, **extra):
+        """out_dir/name with the tokenizer inside, recorded as finished; its resume state is removed."""
+        path = self.path(name)
+        save(checkpoint_dict(model, tok, self.s, fingerprint=self.fp.get(name), **extra), path)
+        if distributed.is_main() and name in self.fp:
+            record(path, self.fp[name])
+            if os.path.exists(resume_path(path)):
+                os.remove(resume_path(path))
+        distributed.barrier()
+
+    def tokenizer(self, make):
+        """tokenizer.json if it is fresh, else make() saved there and recorded. Rank 0 makes it first."""
+        def get():
+            path = self.path("tokenizer.json")
+            if self.fresh("tokenizer.json"):
+                with open(path, encoding="utf-8") as f:
+                    return data.tokenizer_from_str(f.read())
+            tok = make()
+            if distributed.is_main():
+                atomic_write(path, tok.to_str())
+                record(path, self.fp["tokenizer.json"])
+            return tok
+        return distributed.main_first(get)
+
+    # training: where a loop resumes, and what it saves
+
+    def prepare(self, model, rows):
+        """The model a training loop runs: compiled with --compile, wrapped for DDP under torchrun."""
+        if self.s.compile:
+            model = compile_model(model, (rows, self.s.block_size), self.s.device)
+        return distributed.wrap(model, self.s.device)
+
+    def resume(self, name, model, optimizer, generator):
+        """(the step to start from, the state saved with it): 0 and {}, or those of NAME.resume.pt when it was
+        saved by the same command (same fingerprint), restored into model, optimizer and the random states."""
+        path = resume_path(self.path(name))
+        if name not in self.fp or not os.path.isfile(path):
+            return 0, {}
+        state = read_checkpoint(path)
+        if state.get("fingerprint") != self.fp[name]:
+            return 0, {}
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_states(state["rng"], generator)
+        print(f"{os.path.basename(path)}: resumed at step {state['step']}")
+        return state["step"], state
+
+    def end_step(self, name, step, loss, model, optimizer, generator, **state):
+        """After step `step` (counted from 0): stop on a non-finite loss; every --checkpoint_interval steps,
+        save everything the loop needs to go on (state: its data position, its logs)."""
+        check_finite(loss, name.split("_seed")[0].removesuffix(".pt"), step)  # dpo_seed1338.pt: dpo
+        if (step + 1) % self.s.checkpoint_interval == 0 and name in self.fp:
+            save({"fingerprint": self.fp[name], "step": step + 1, "model": model.state_dict(),
+                  "optimizer": optimizer.state_dict(), "rng": rng_states(generator), **state},
+                 resume_path(self.path(name)))
+
+    # sampling: split over the processes, and kept piece by piece until the stage is done
+
+    def sample(self, model, tok, contexts, num_samples=1, seed=0, progress=None, **kw):
+        """sample.sample_replies, each process sampling its share of the rows (rank 0 with the single-process
+        random stream, the others with their own); every process gets all the replies, in order."""
+        if distributed.world_size() == 1:
+            return sample.sample_replies(model, tok, contexts, num_samples=num_samples, seed=seed,
+                                         progress=progress, **kw)
+        rows = distributed.split([c for c in contexts for _ in range(num_samples)])
+        mine = sample.sample_replies(model, tok, rows, seed=seed + 1_000_003 * distributed.rank(),
+                                     progress=progress if distributed.is_main() else None, **kw)
+        replies = distributed.gather([r for rs in mine for r in rs])
+        return [replies[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
+
+    def once(self, name, key, compute, decode=lambda value: value):
+        """decode(compute()), computed only if no earlier run of the same fingerprint of artifact `name` saved it
+        under key in NAME.chunks.json. Both ways the value is read back from JSON, so a resumed stage and an
+        uninterrupted one compute with the very same numbers."""
+        if name not in self._chunks:
+            saved, path = {}, chunks_path(self.path(name))
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    stored = json.load(f)
+                saved = stored["chunks"] if stored.get("fingerprint") == self.fp[name] else {}
+                print(f"{os.path.basename(path)}: resumed after {len(saved)} finished chunk(s)")
+            self._chunks[name] = saved
+        saved = self._chunks[name]
+        if key not in saved:
+            saved[key] = json.loads(json.dumps(compute(), default=lambda x: x.tolist()))  # numpy, torch -> lists
+            write_text(chunks_path(self.path(name)), json.dumps({"fingerprint": self.fp[name], "chunks": saved}))
+        return decode(saved[key])
+
+    def sampler(self, name):
+        """A function like sample.sample_replies whose calls are kept in name's chunks: a killed stage resumes
+        after its last finished sampling call."""
+        def sample_kept(model, tok, contexts, **kw):
+            key = digest(contexts, {k: v for k, v in kw.items() if k != "progress"})
+            return self.once(name, key, lambda: self.sample(model, tok, contexts, **kw), sample.as_replies)
+        return sample_kept

@@ -95,52 +95,10 @@ def read_chitchat():
     return conversations
 
 
-def json_lines(path, missing="no such file"):
-    """(where, object) for each non-blank line of a JSONL file; where is "path:line" for error messages."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: {missing}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-
-
-def read_jsonl(path):
-    """User data, one conversation a line: {"turns": ["...", "..."], "toxic": [false, true], "id": "..."}.
-    "toxic" and "id" are optional: the judge labels when "toxic" is absent, and the id defaults to a hash of
-    the turns. Any malformed line stops everything with the file and line number."""
-    conversations = []
-    for where, obj in json_lines(path, "no such data file"):
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object with a \"turns\" list")
-        turns = obj.get("turns")
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-            raise DataError(f"{where}: \"turns\" must be a non-empty list of strings")
-        turns = [clean(t) for t in turns]
-        if not all(turns):
-            raise DataError(f"{where}: a turn is empty")
-        toxic = obj.get("toxic")
-        if toxic is not None:
-            if not isinstance(toxic, list) or not all(isinstance(t, bool) for t in toxic):
-                raise DataError(f"{where}: \"toxic\" must be a list of true/false")
-            if len(toxic) != len(turns):
-                raise DataError(f"{where}: \"toxic\" has {len(toxic)} labels for {len(turns)} turns")
-        conv_id = obj.get("id")
-        if conv_id is None:
-            conv_id = hashlib.sha256("\x00".join(turns).encode("utf-8")).hexdigest()
-        conversations.append((str(conv_id), turns, toxic))
-    if not conversations:
-        raise DataError(f"{path}: no conversations in the file")
-    return conversations
-
-
-def load_corpus(path=None, toxic_threshold=0.5, max_conversations=0):
-    """Conversations with toxicity labels and splits. path None means the built-in chitchat corpus.
-    max_conversations > 0 keeps that many (chosen by id hash, so the subset is the same every run)."""
-    raw = read_jsonl(path) if path else read_chitchat()
+def load_corpus(raw=None, toxic_threshold=0.5, max_conversations=0):
+    """Conversations with toxicity labels and splits from (id, turns, toxic or None) tuples; None: the built-in
+    chitchat corpus. max_conversations > 0 keeps that many (chosen by id hash: the same subset every run)."""
+    raw = read_chitchat() if raw is None else raw
     if max_conversations > 0:
         raw = sorted(raw, key=lambda c: hashlib.sha256(c[0].encode("utf-8")).hexdigest())[:max_conversations]
     unlabelled = [t for _, turns, toxic in raw if toxic is None for t in turns]
@@ -151,6 +109,15 @@ def load_corpus(path=None, toxic_threshold=0.5, max_conversations=0):
             toxic = [bool(next(probs) >= toxic_threshold) for _ in turns]
         conversations.append(Conversation(conv_id, turns, toxic, split_of(conv_id)))
     return conversations
+
+
+def summary(conversations):
+    """One line: how many conversations in each split, turns, and toxic turns."""
+    counts = {sp: sum(c.split == sp for c in conversations) for sp in SPLITS}
+    n_toxic = sum(sum(c.toxic) for c in conversations)
+    n_turns = sum(len(c.turns) for c in conversations)
+    return (f"corpus: {len(conversations):,} conversations (" + ", ".join(f"{counts[sp]:,} {sp}" for sp in SPLITS)
+            + f"), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,9 +143,10 @@ def _plain_text_only(tok):
     return tok
 
 
-def load_tokenizer(path):
+def tokenizer_from_str(text):
+    """The tokenizer a checkpoint carries (tok.to_str())."""
     from tokenizers import Tokenizer
-    return _plain_text_only(Tokenizer.from_file(path))
+    return _plain_text_only(Tokenizer.from_str(text))
 
 
 def gpt2_tokenizer(folder):
@@ -201,24 +169,6 @@ def gpt2_tokenizer(folder):
     spec["truncation"] = spec["padding"] = None  # one turn at a time, never cut or padded by the tokenizer
     from tokenizers import Tokenizer
     return _plain_text_only(Tokenizer.from_str(json.dumps(spec)))
-
-
-def get_tokenizer(conversations, vocab_size, path, init_from=""):
-    """The tokenizer at path if it is there with this vocabulary size; else train one on the sft split only.
-    With init_from (a GPT-2 folder): GPT-2's, with our special tokens, whatever is at path (a tokenizer
-    trained on the corpus would not match GPT-2's embedding)."""
-    if init_from:
-        tok = gpt2_tokenizer(init_from)
-    else:
-        if os.path.exists(path):
-            tok = load_tokenizer(path)
-            if tok.get_vocab_size() == vocab_size:
-                return tok
-        tok = train_tokenizer([t for c in conversations if c.split == "sft" for t in c.turns], vocab_size)
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)
-    return tok
 
 
 def encode(tok, text):
@@ -348,13 +298,6 @@ def contexts_and_replies(conversations, split, context_turns):
     return examples
 
 
-def require_splits(conversations, splits, context_turns):
-    """Before a run writes anything: each split a stage samples contexts from has at least one."""
-    for split in splits:
-        if not contexts_and_replies(conversations, split, context_turns):
-            raise DataError(f"the {split} split has no context with a reply; use more conversations")
-
-
 def collate(prompts, replies, pad_id=PAD_ID):
     """Right-padded input ids and labels for a batch of (prompt ids, reply ids). labels are -1 on the prompt
     and the padding, so a log-prob sums over the reply tokens only."""
@@ -376,36 +319,6 @@ def collate_rows(rows, pad_id=PAD_ID):
 # triplets (x, y_w, y_l, y_t): the text for people, the sampled ids for the code
 
 REPLIES = ("chosen", "rejected", "toxic")
-
-
-def read_triplets(path):
-    """triplets.jsonl, checked line by line: a context (list of turns) and, for each of chosen, rejected and
-    toxic, the text, the sampled ids (`chosen_ids`, ...), whether the model ended the reply itself
-    (`chosen_finished`, ...; then, and only then, the ids end with end-of-turn) and the judge's probability
-    (`p_chosen`, ...)."""
-    triplets = []
-    for where, t in json_lines(path, "no triplets file; run the triplets stage first"):
-        fields = ["context"] + [f"{r}{suffix}" for r in REPLIES for suffix in ("", "_ids", "_finished")] + \
-            [f"p_{r}" for r in REPLIES]
-        missing = [k for k in fields if k not in t] if isinstance(t, dict) else fields
-        if missing:
-            raise DataError(f"{where}: missing field {missing[0]!r} (each line needs {', '.join(fields)})")
-        if not isinstance(t["context"], list) or not all(isinstance(x, str) for x in t["context"]):
-            raise DataError(f"{where}: context must be a list of strings")
-        for r in REPLIES:
-            ids, finished = t[f"{r}_ids"], t[f"{r}_finished"]
-            if not isinstance(t[r], str) or not isinstance(finished, bool) or not isinstance(ids, list) or \
-                    not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise DataError(f"{where}: {r} must be a string, {r}_ids a non-empty list of token ids, "
-                                f"{r}_finished true/false")
-            if finished != (ids[-1] == EOT_ID) or EOT_ID in ids[:-1]:
-                raise DataError(f"{where}: {r}_ids must end with end-of-turn exactly when {r}_finished is true")
-            if not isinstance(t[f"p_{r}"], (int, float)) or not 0 <= t[f"p_{r}"] <= 1:
-                raise DataError(f"{where}: p_{r} must be a probability")
-        triplets.append(t)
-    if not triplets:
-        raise DataError(f"{path}: no triplets")
-    return triplets
 
 
 def select_triplets(triplets, min_judge_gap):
@@ -447,10 +360,10 @@ def encode_triplets(tok, triplets, block_size, max_new_tokens):
     return enc
 
 
-def preference_data(tok, path, min_judge_gap, block_size, max_new_tokens):
+def preference_data(tok, triplets, min_judge_gap, block_size, max_new_tokens):
     """The triplets the preference stage trains on (those with a judge gap of at least min_judge_gap), and
     their encoding."""
-    triplets = select_triplets(read_triplets(path), min_judge_gap)
+    triplets = select_triplets(triplets, min_judge_gap)
     return triplets, encode_triplets(tok, triplets, block_size, max_new_tokens)
 
 

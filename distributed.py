@@ -108,12 +108,12 @@ def wrap(model, device):
 
 
 def micro_batches(model, x, y, grad_accum=1):
-    """This process's rows of the global batch (x, y), in grad_accum pieces. Each comes with a weight and a
-    context to run its forward and backward in. The weight makes the summed gradients those of the global
-    batch's mean loss: a piece's loss is a mean over its own target tokens (not -1), so weight = its tokens /
-    the global batch's tokens x world size (DDP divides the summed gradients by the world size); one process,
-    one piece: weight 1. The context lets DDP average the gradients over the processes once per step, after
-    the last piece, not after every piece."""
+    """This process's rows of the global batch (x, y), in grad_accum pieces, each with a weight: the summed
+    gradients of weight x (a piece's mean loss) are those of the global batch's mean loss. A piece's loss is a
+    mean over its own target tokens (not -1), so weight = its tokens / the global batch's tokens x world size
+    (DDP divides the summed gradients by the world size); one process, one piece: weight 1. The caller's
+    forward and backward run inside the loop, where DDP is told to average the gradients over the processes
+    once per step, after the last piece, not after every piece."""
     rows = split(range(x.size(0)))
     pieces = [rows[i * len(rows) // grad_accum:(i + 1) * len(rows) // grad_accum] for i in range(grad_accum)]
     total = max(int((y != -1).sum()), 1)
@@ -121,7 +121,8 @@ def micro_batches(model, x, y, grad_accum=1):
         xs, ys = x[piece.start:piece.stop], y[piece.start:piece.stop]
         last = i == len(pieces) - 1
         sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
-        yield xs, ys, int((ys != -1).sum()) / total * world_size(), sync
+        with sync:
+            yield xs, ys, int((ys != -1).sum()) / total * world_size()
 
 
 def _all_reduce_floats(values, op=None):
@@ -146,8 +147,8 @@ def mean_over_processes(row):
 
 def average_gradients(model):
     """Each gradient averaged over the processes: what DistributedDataParallel does during backward, done
-    after it. The preference stage needs it so: its diagnostic steps take gradients with torch.autograd.grad
-    (adpo.backward_by_reply), which DDP's backward hooks never see."""
+    after it. The preference stage does it so: its diagnostics take gradients with torch.autograd.grad
+    (evaluate.gradient_by_reply), which DDP's backward hooks are not made for."""
     if not dist.is_initialized():
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]

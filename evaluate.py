@@ -11,14 +11,12 @@ import json
 import math
 import os
 import random
-import time
 from collections import deque
 
 import numpy as np
 import torch
 
 import adpo
-import artifacts
 import data
 from model import autocast
 from sample import as_replies, prompt_ids, sample_replies, sampling_settings
@@ -154,16 +152,14 @@ def eval_sets(s, conversations, split="eval"):
             "human": [(e.context, e.reply) for e in rng.sample(human, min(s.ppl_replies, len(human)))]}
 
 
-def evaluate(s, model, sft_model, tok, sets, seed, name, enc=None):
-    """Every metric of one model on the eval sets, replies sampled with `seed`. Returns (metrics, replies,
-    units): units[key] = (numerator, denominator) per context (or per human reply, or per sampled reply), so
-    that seeds can be pooled and intervals bootstrapped (see summarize). enc: the encoded triplets, for
-    eot_logprob_after_chosen. relevance is the pointwise mutual information under the SFT model,
-    log SFT(y|x) - log SFT(y|x') with x' another example's context: high when a reply fits its own context
-    better than another's, near 0 when it ignores its context (word salad)."""
+def evaluate(s, model, sft_model, tok, sets, seed, name, enc=None, sample=sample_replies):
+    """Every metric of one model on the eval sets, replies sampled with `seed` (by `sample`, sample_replies or
+    a function like it). Returns (metrics, replies, units): units[key] = (numerator, denominator) per context
+    (or per human reply), so that seeds can be pooled and intervals bootstrapped (summarize). enc: the encoded
+    triplets, for eot_logprob_after_chosen. relevance is log SFT(y|x) - log SFT(y|x'), x' another context:
+    high when a reply fits its own context better than another's, near 0 for word salad."""
     kw = sampling_settings(s, num_samples=s.eval_samples, seed=seed)
-    replies = {group: sample_replies(model, tok, sets[group], progress=f"eval {name}: {group}", **kw)
-               for group in GROUPS}
+    replies = {group: sample(model, tok, sets[group], progress=f"eval {name}: {group}", **kw) for group in GROUPS}
     units = {}
 
     def per_context(num, den=None):  # per-reply values -> (sum, count) per context: the bootstrap's units
@@ -204,8 +200,7 @@ def evaluate(s, model, sft_model, tok, sets, seed, name, enc=None):
 
 
 def results_from_json(value):
-    """evaluate()'s or evaluate_sft_control()'s results as read back from JSON (artifacts.chunks): Replies and
-    arrays again."""
+    """evaluate()'s or evaluate_sft_control()'s results as read back from JSON: Replies and arrays again."""
     metrics, replies, *units = value
     replies = {group: as_replies(rows) for group, rows in replies.items()}
     units = [{key: tuple(np.asarray(x) for x in pair) for key, pair in u.items()} for u in units]  # none: control
@@ -224,14 +219,14 @@ def ratio(num, den):
     return float(num / den) if den else 0.0
 
 
-def evaluate_sft_control(s, model, tok, sets, seed):
-    """The foundation's check of the inner toxic model: the same contexts, with and without [TOXIC]."""
+def evaluate_sft_control(s, model, tok, sets, seed, sample=sample_replies):
+    """The inner toxic model's check: the same contexts, with and without [TOXIC]."""
     contexts = sets["adversarial"] + sets["normal"]
     kw = sampling_settings(s, num_samples=s.eval_samples, seed=seed)
     r = {"n_contexts": len(contexts)}
     examples = {}
     for key, toxic in (("plain", False), ("toxic_token", True)):
-        replies = sample_replies(model, tok, contexts, toxic=toxic, progress=f"eval sft: {key}", **kw)
+        replies = sample(model, tok, contexts, toxic=toxic, progress=f"eval sft: {key}", **kw)
         p = data.judge_probs([x.text for rs in replies for x in rs])
         r[f"toxicity_{key}"] = float(np.mean(p >= s.toxic_threshold))
         r[f"judge_prob_{key}"] = float(np.mean(p))
@@ -239,11 +234,38 @@ def evaluate_sft_control(s, model, tok, sets, seed):
     return r, examples
 
 
+def gradient_by_reply(loss, logps, policy, per_reply):
+    """Where the gradient of the batch's loss comes from, measured beside the update (p.grad is untouched).
+    L depends on the weights only through the replies' log-probs, so grad L = sum over replies k of
+    sum_i dL/d log pi(y_k,i|x_i) grad log pi(y_k,i|x_i). coef/k: the batch's sum of dL_i/d log pi(y_k,i|x_i)
+    (< 0: the loss pushes reply k up). With per_reply, each reply's part g_k of grad L (one backward each):
+    grad/k = |g_k|, grad/toxic_share = |g_t| / sum_k |g_k| and grad/cos_chosen_toxic."""
+    names = [k for k in ("chosen", "rejected", "toxic") if logps[f"policy_{k}_logps"].requires_grad]
+    tensors = [logps[f"policy_{k}_logps"] for k in names]
+    coefs = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    used = [(k, t, c) for k, t, c in zip(names, tensors, coefs) if c is not None]  # DPO ignores the toxic reply
+    metrics = {f"coef/{k}": c.sum().item() for k, _, c in used}
+    if not per_reply:
+        return metrics
+    params = [p for p in policy.parameters() if p.requires_grad]
+    parts = {}
+    for k, t, c in used:
+        grads = torch.autograd.grad((c.detach() * t).sum(), params, retain_graph=True, allow_unused=True)
+        parts[k] = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+    norms = {k: g.float().norm().item() for k, g in parts.items()}
+    metrics.update({f"grad/{k}": v for k, v in norms.items()})
+    if "toxic" in parts:
+        metrics["grad/toxic_share"] = norms["toxic"] / max(sum(norms.values()), 1e-12)
+        metrics["grad/cos_chosen_toxic"] = torch.nn.functional.cosine_similarity(
+            parts["chosen"].float(), parts["toxic"].float(), dim=0).item()
+    return metrics
+
+
 def stability(metrics, window=20):
     """From the per-step log: the largest fall of log pi(y_w|x) below the SFT model's (h_w on each step's
     batch, so batch-to-batch variation cancels), the largest gradient norm, the loss spikes (steps whose
     loss exceeds 3 times the median of the previous `window` steps), and the mean share of the gradient that
-    comes from the toxic reply (adpo.backward_by_reply)."""
+    comes from the toxic reply (gradient_by_reply)."""
     recent, spikes = deque(maxlen=window), 0
     for m in metrics:
         if len(recent) >= 5 and m["loss"] > 3 * float(np.median(recent)):
@@ -375,47 +397,24 @@ def plot_curves(path, runs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the eval stage of train.py
+# the files of the eval stage
 
 
-def run_eval(s, sft_model, tok, conversations, losses, seeds, fingerprint, t_start, stage_seconds):
-    """SFT and every trained loss on the same eval-split contexts, each seed's replies sampled with that seed;
-    writes report.json, report.md and samples.json to s.out_dir and prints the table. Each model's evaluation
-    is a chunk (artifacts.chunks): a killed run resumes after the last finished one."""
-    t0 = time.time()
-    out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
-    sets = eval_sets(s, conversations, "eval")
-    triplets, enc = data.preference_data(tok, out("triplets.jsonl"), s.min_judge_gap, sft_model.config.block_size,
-                                         s.max_new_tokens) if os.path.isfile(out("triplets.jsonl")) else ([], None)
-    evaluated = [n for n in losses if os.path.isfile(out(f"{n}.pt"))]  # all seeds checked fresh; may be none
-    runs = {"sft": [], **{name: [] for name in evaluated}}
-    samples = {}
-    chunk = artifacts.chunks(artifacts.chunks_path(out("report.json")), fingerprint)  # one per model and seed
-    for seed in seeds:
-        r, samples["sft"], units = chunk(f"sft {seed}", lambda: evaluate(
-            s, sft_model, sft_model, tok, sets, seed, "sft", enc), results_from_json)
-        control, samples["sft_control"] = chunk(f"sft_control {seed}", lambda: evaluate_sft_control(
-            s, sft_model, tok, sets, seed), results_from_json)
-        runs["sft"].append(({**control, **r}, units))
-        for name in evaluated:
-            policy, _, ckpt = artifacts.load_checkpoint(out(artifacts.checkpoint_name(name, seed, s.seed)), s.device)
-            r, samples[name], units = chunk(f"{name} {seed}", lambda: evaluate(
-                s, policy, sft_model, tok, sets, seed, name, enc), results_from_json)
-            runs[name].append(({**r, **ckpt.get("stability", {})}, units))
+def report_files(s, runs, sets, samples, triplets, stage_seconds, wall_time_s):
+    """report.json, report.md and samples.json from each model's evaluations ({name: [(metrics, units)] over
+    seeds}) and replies ({name: {group: replies}}, the last seed's): {file name: text}."""
     report = {name: summarize(section_runs) for name, section_runs in runs.items()}
     report["triplets"] = data.triplet_stats(triplets, s.toxic_threshold) if triplets else {}
     report["settings"] = dataclasses.asdict(s)
-    stage_seconds["eval"] = time.time() - t0
-    report["wall_time_s"] = time.time() - t_start
+    report["wall_time_s"] = wall_time_s
     report["stage_seconds"] = stage_seconds
-    artifacts.write_text(out("report.json"), json.dumps(report, indent=2) + "\n", fingerprint)
     table = report_table(report, list(runs))
-    artifacts.write_text(out("report.md"), f"# ADPO report ({s.preset} preset, {len(seeds)} seed(s), "
-                         f"{report['wall_time_s'] / 60:.1f} min)\n\n{table}\n\nIntervals: 95% bootstrap over "
-                         f"contexts, seeds pooled. Different only where the intervals separate:\n\n"
-                         f"{differences(report, list(runs))}\n")
+    markdown = (f"# ADPO report ({s.preset} preset, {s.seeds} seed(s), {wall_time_s / 60:.1f} min)\n\n{table}\n\n"
+                f"Intervals: 95% bootstrap over contexts, seeds pooled. Different only where the intervals "
+                f"separate:\n\n{differences(report, list(runs))}\n")
     readable = {name: {group: [[{"text": x.text, "finished": x.finished} for x in rs] for rs in replies]
                        for group, replies in groups.items()} for name, groups in samples.items()}
-    artifacts.write_text(out("samples.json"), json.dumps({"contexts": {g: sets[g] for g in GROUPS},
-                                                          "replies": readable}, ensure_ascii=False, indent=1) + "\n")
-    print(table)
+    return {"report.md": markdown,
+            "samples.json": json.dumps({"contexts": {g: sets[g] for g in GROUPS}, "replies": readable},
+                                       ensure_ascii=False, indent=1) + "\n",
+            "report.json": json.dumps(report, indent=2) + "\n"}

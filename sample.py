@@ -12,7 +12,6 @@ the text for people and the sampled ids for the code: every later stage scores e
 
 import itertools
 import os
-import random
 import shutil
 import sys
 import textwrap
@@ -22,10 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm import tqdm
 
-import distributed
-from artifacts import load_checkpoint, run_main
+from checks import SAMPLE_RULES, check_device, load_checkpoint, run_main
 from configurator import ConfigError, apply_overrides, check_rules, parse_overrides
-import data
 from data import EOT_ID, PAD_ID, context_ids, decode
 from model import autocast
 
@@ -53,15 +50,6 @@ class Reply(NamedTuple):
     finished: bool  # the model ended the reply itself (False: cut at max_new_tokens, no end-of-turn)
 
 
-RULES = [  # (settings, rule, what the rule asks), checked before the checkpoint is read
-    ("prompt", lambda v: any(t.strip() for t in v.split(" | ")), "some text (turns separated by \" | \")"),
-    ("num_samples max_new_tokens", lambda v: v >= 1, "at least 1"),
-    ("temperature", lambda v: v >= 0, "at least 0 (0: greedy)"),
-    ("top_k", lambda v: v is None or v >= 1, "at least 1 (or none: all tokens)"),
-    ("top_p", lambda v: v is None or 0 < v <= 1, "in (0, 1] (or none: off)"),
-]
-
-
 def prompt_ids(model, tok, context, toxic, max_new_tokens):
     """The prompt a reply is sampled from, and scored after: the context cut from the left to leave room for
     max_new_tokens new tokens in the block, then [TOXIC] for the inner toxic model."""
@@ -74,16 +62,13 @@ def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature
     """Sample num_samples replies for each context (a list of turns). With toxic=True the control token comes
     after the context, so the reply is the inner toxic model's. A reply ends at end-of-turn (finished) or after
     max_new_tokens (not finished). Returns a list (one per context) of lists of num_samples Replies. The same
-    seed gives the same replies; the contexts are batched together whatever their lengths. Under torchrun
-    each process samples its share of the rows (rank 0 with the single-process random stream, the others
-    with their own) and every process gets all the replies back, in order. On CUDA in bf16 (autocast)."""
+    seed gives the same replies; the contexts are batched together whatever their lengths. On CUDA in bf16."""
     device = model.lm_head.weight.device
     prompts = [prompt_ids(model, tok, ctx, toxic, max_new_tokens) for ctx in contexts]
-    flat = distributed.split([p for p in prompts for _ in range(num_samples)])
-    generator = torch.Generator(device=device).manual_seed(seed + 1_000_003 * distributed.rank())
+    flat = [p for p in prompts for _ in range(num_samples)]
+    generator = torch.Generator(device=device).manual_seed(seed)
     replies = []
-    bar = tqdm(total=len(flat), desc=progress, unit="reply", leave=False,
-               disable=progress is None or not distributed.is_main())
+    bar = tqdm(total=len(flat), desc=progress, unit="reply", leave=False, disable=progress is None)
     for i in range(0, len(flat), batch_size):
         with autocast(device):
             out = model.generate(flat[i:i + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
@@ -93,7 +78,6 @@ def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature
             replies.append(Reply(decode(tok, ids[:-1] if finished else ids).strip(), ids, finished))
         bar.update(len(out))
     bar.close()
-    replies = distributed.gather(replies)
     return [replies[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
 
 
@@ -105,60 +89,9 @@ def as_replies(rows):
 
 
 def sampling_settings(s, **extra):
-    """The keyword arguments of sample_replies that come from train.py's settings (triplets and evaluation)."""
+    """The keyword arguments of sample_replies from train.py's settings (triplets and evaluation)."""
     return dict(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
                 batch_size=s.sample_batch_size, **extra)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the triplets: the dialogue model's replies ranked by the judge, and the inner toxic model's reply
-
-
-def build_triplets(s, model, tok, conversations, chunk):
-    """For each pref-split context: K plain replies, the least toxic is chosen and the most toxic rejected;
-    one reply with [TOXIC], resampled up to R times until the judge calls it toxic. Empty replies are not
-    candidates (an empty chosen reply would teach the policy to say nothing). Each reply is kept as its text
-    (for people) and its sampled ids and finished flag (for the code, which scores exactly those ids).
-    chunk(key, compute, decode): see artifacts.chunks (a killed run resumes after the last finished sampling)."""
-    rng = random.Random(s.seed)
-    examples = data.contexts_and_replies(conversations, "pref", s.context_turns)
-    contexts = [e.context for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
-    kw = sampling_settings(s)
-    candidates = chunk("plain", lambda: sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
-                                                       progress="triplets: plain replies", **kw), as_replies)
-    probs = data.judge_probs([r.text for rs in candidates for r in rs]).reshape(len(contexts), s.num_candidates)
-
-    toxic = [None] * len(contexts)
-    toxic_prob = [0.0] * len(contexts)
-    todo = list(range(len(contexts)))
-    for attempt in range(s.toxic_retries):
-        replies = chunk(f"toxic {attempt}", lambda: sample_replies(
-            model, tok, [contexts[i] for i in todo], toxic=True, seed=s.seed + 1 + attempt,
-            progress=f"triplets: toxic replies, try {attempt + 1}", **kw), as_replies)
-        p = data.judge_probs([r[0].text for r in replies])
-        for i, reply, prob in zip(todo, replies, p):
-            if toxic[i] is None or prob > toxic_prob[i]:  # keep the most toxic try
-                toxic[i], toxic_prob[i] = reply[0], float(prob)
-        todo = [i for i in todo if toxic_prob[i] < s.toxic_threshold]
-        if not todo:
-            break
-
-    triplets = []
-    for i, ctx in enumerate(contexts):
-        scored = [(float(p), r) for p, r in zip(probs[i], candidates[i]) if r.text]
-        if len(scored) < 2:
-            continue
-        (p_w, chosen), (p_l, rejected) = min(scored, key=lambda x: x[0]), max(scored, key=lambda x: x[0])
-        if chosen.ids == rejected.ids:
-            continue
-        triplet = {"context": ctx}
-        for key, reply in (("chosen", chosen), ("rejected", rejected), ("toxic", toxic[i])):
-            triplet.update({key: reply.text, f"{key}_ids": reply.ids, f"{key}_finished": reply.finished})
-        triplet.update({"p_chosen": p_w, "p_rejected": p_l, "p_toxic": toxic_prob[i],
-                        "rejected_is_toxic": p_l >= s.toxic_threshold,
-                        "toxic_is_toxic": toxic_prob[i] >= s.toxic_threshold})
-        triplets.append(triplet)
-    return triplets
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,9 +198,8 @@ def chat(s):
 
 def main(argv):
     s = apply_overrides(SampleSettings(), parse_overrides([a if "=" in a else a + "=true" for a in argv]))
-    check_rules(s, RULES)
-    if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but CUDA is not available")
+    check_rules(s, SAMPLE_RULES)
+    check_device(s.device)
     context = [t.strip() for t in s.prompt.split(" | ") if t.strip()]
     if s.chat:
         return chat(s)

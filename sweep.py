@@ -21,11 +21,12 @@ import os
 import time
 
 import adpo
-import artifacts
+import checks
 import data
 import evaluate
 import train
-from artifacts import load_checkpoint, run_main, write_text
+from artifacts import Run, write_text
+from checks import load_checkpoint, run_main
 from configurator import ConfigError, apply_overrides
 
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
@@ -81,22 +82,22 @@ def file_digest(path):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def run_point(s, point, sft_model, tok, sets, seeds, out, cache):
+def run_point(s, point, sft_model, tok, sets, seeds, run, cache):
     """Train and evaluate one point for every seed; returns its report section (seeds pooled)."""
     ps = apply_overrides(s, point)
-    train.check_settings(ps)
+    checks.check_settings(ps)
     if ps.min_judge_gap not in cache:  # the triplets this gap keeps, and their reference log-probs
-        _, enc = data.preference_data(tok, out("triplets.jsonl"), ps.min_judge_gap, sft_model.config.block_size,
-                                      ps.max_new_tokens)
+        _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), ps.min_judge_gap,
+                                      sft_model.config.block_size, ps.max_new_tokens)
         cache[ps.min_judge_gap] = (enc, train.reference_logps(ps, sft_model, enc))
     enc, ref = cache[ps.min_judge_gap]
     runs = []
     name = label(point).replace(" ", "_")
     for seed in seeds:
-        policy, metrics = train.train_preference(ps, ps.loss, out("sft.pt"), enc, ref, seed,
-                                                 out(f"sweep/metrics_{name}_seed{seed}.jsonl"))
+        policy, metrics = train.train_preference(ps, ps.loss, run.path("sft.pt"), enc, ref, seed, run, ps.loss)
+        write_text(run.path(f"sweep/metrics_{name}_seed{seed}.jsonl"), "".join(json.dumps(r) + "\n" for r in metrics))
         stats = {**train.final_pass(ps, policy, enc, ref), **evaluate.stability(metrics)}
-        r, _, units = evaluate.evaluate(ps, policy, sft_model, tok, sets, seed, label(point), enc)
+        r, _, units = evaluate.evaluate(ps, policy, sft_model, tok, sets, seed, label(point), enc, run.sample)
         runs.append(({**r, **stats}, units))
     return {"label": label(point), "overrides": point, "n_triplets": len(enc), **evaluate.summarize(runs)}
 
@@ -158,13 +159,12 @@ def main(argv):
     s = train.get_settings([a for a in argv if not a.startswith("--grid=")])
     points = grid_points(s, parse_grid(grid))
     for point in points:  # every point's settings are checked before anything runs
-        train.check_settings(apply_overrides(s, point))
+        checks.check_settings(apply_overrides(s, point))
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
-    conversations = data.load_corpus(s.data or None, s.toxic_threshold, s.max_conversations)
+    conversations = train.load_corpus(s)
     seeds = [s.seed + i for i in range(s.seeds)]
     # sft.pt and triplets.jsonl must be there and fresh, as for train.py --stages=pref
-    artifacts.check_inputs(s.out_dir, artifacts.fingerprints(s, conversations, [], seeds), ["pref"],
-                           [a for a in argv if not a.startswith("--grid=")])
+    run = Run(s, [a for a in argv if not a.startswith("--grid=")], conversations, [], seeds, train.CODE, ["pref"])
     sft_model, tok, _ = load_checkpoint(out("sft.pt"), s.device)
     sets = evaluate.eval_sets(s, conversations, "dev")
     inputs = {"sft.pt": file_digest(out("sft.pt")), "triplets.jsonl": file_digest(out("triplets.jsonl"))}
@@ -190,7 +190,7 @@ def main(argv):
     def sft_section():
         runs = []
         for seed in seeds:
-            r, _, units = evaluate.evaluate(s, sft_model, sft_model, tok, sets, seed, "sft")
+            r, _, units = evaluate.evaluate(s, sft_model, sft_model, tok, sets, seed, "sft", sample=run.sample)
             runs.append((r, units))
         return evaluate.summarize(runs)
 
@@ -200,7 +200,7 @@ def main(argv):
     for point in points:
         name = label(point).replace(" ", "_")
         result["points"].append(cached(name, apply_overrides(s, point),
-                                       lambda: run_point(s, point, sft_model, tok, sets, seeds, out, cache)))
+                                       lambda: run_point(s, point, sft_model, tok, sets, seeds, run, cache)))
     result["wall_time_s"] = time.time() - t_start
     table = sweep_table(result)
     write_text(out("sweep.json"), json.dumps(result, indent=2) + "\n")

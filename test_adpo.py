@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import adpo
+import checks
 import data
 import evaluate
 import train
+from artifacts import Run
 from configurator import ConfigError
 from model import GPT, GPTConfig, sample_next
 from sample import prompt_ids, sample_replies
@@ -77,11 +79,17 @@ def test_tokenizer_round_trip(tok):
 def test_tokenizer_saved_and_reused(tmp_path):
     conversations = [data.Conversation(str(i), ["hello there friend", "hi how are you"], [False, False], "sft")
                      for i in range(20)]
+    s = train.get_settings(["--preset=tiny", "--vocab_size=280", f"--out_dir={tmp_path}"])
+    made = []
+
+    def make():
+        made.append(1)
+        return train.make_tokenizer(s, conversations)
+    tok = Run(s, [], conversations, ["dpo"], [s.seed], train.CODE).tokenizer(make)
     path = str(tmp_path / "tokenizer.json")
-    tok = data.get_tokenizer(conversations, 280, path)
     mtime = os.path.getmtime(path)
-    again = data.get_tokenizer(conversations, 280, path)
-    assert os.path.getmtime(path) == mtime and again.get_vocab_size() == tok.get_vocab_size()
+    again = Run(s, [], conversations, ["dpo"], [s.seed], train.CODE).tokenizer(make)
+    assert made == [1] and os.path.getmtime(path) == mtime and again.get_vocab_size() == tok.get_vocab_size()
     assert data.encode(again, "<|toxic|>") == data.encode(tok, "<|toxic|>")
 
 
@@ -163,17 +171,17 @@ def test_malformed_jsonl_gives_file_and_line(tmp_path):
     path = tmp_path / "convs.jsonl"
     path.write_text('{"turns": ["hi", "hello"]}\n{"turns": ["hi", "hello"], "toxic": [true]}\n')
     with pytest.raises(data.DataError, match=r"convs.jsonl:2: .*toxic"):
-        data.load_corpus(str(path))
+        checks.read_conversations(str(path))
     path.write_text('{"turns": ["hi", "hello"]}\n\n{"turns": "hi"\n')
     with pytest.raises(data.DataError, match=r"convs.jsonl:3: not valid JSON"):
-        data.load_corpus(str(path))
+        checks.read_conversations(str(path))
 
 
 def test_jsonl_loads_labels_and_judges_missing_ones(tmp_path):
     path = tmp_path / "convs.jsonl"
     lines = [{"turns": ["hi", "fine"], "toxic": [False, True]}, {"turns": ["hi", "you are a stupid idiot"]}]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    conversations = data.load_corpus(str(path))
+    conversations = data.load_corpus(checks.read_conversations(str(path)))
     assert conversations[0].toxic == [False, True]  # given labels are kept
     assert conversations[1].toxic == [False, True]  # the judge labelled these
 
@@ -484,13 +492,11 @@ def test_policy_equals_reference_at_step_0_after_sft_with_dropout(tok, tmp_path)
     """sft.pt trained with dropout 0.5: the preference stage must still start with pi = ref exactly."""
     s, enc = tiny_triplets(tok)
     s = dataclasses.replace(s, out_dir=str(tmp_path), pref_iters=2, pref_lr=1e-3, pref_warmup_iters=0)
-    tok.save(str(tmp_path / "tokenizer.json"))
     sft = tiny_gpt(vocab_size=tok.get_vocab_size(), dropout=0.5)
-    train.save_checkpoint(str(tmp_path / "sft.pt"), sft, s)
+    Run(s).save_checkpoint("sft.pt", sft, tok)
     ref = train.reference_logps(s, sft, enc)
     for loss in ("dpo", "adpo"):
-        _, metrics = train.train_preference(s, loss, str(tmp_path / "sft.pt"), enc, ref, seed=0,
-                                            metrics_path=str(tmp_path / f"m_{loss}.jsonl"))
+        _, metrics = train.train_preference(s, loss, str(tmp_path / "sft.pt"), enc, ref, 0, Run(s), loss)
         assert metrics[0]["logratio/chosen"] == pytest.approx(0.0, abs=1e-5)
         assert metrics[0]["logratio/rejected"] == pytest.approx(0.0, abs=1e-5)
         if loss == "dpo":
@@ -606,8 +612,8 @@ def test_tiny_pipeline_writes_all_reports(tiny_run):
 def test_triplets_file_is_well_formed(tiny_run):
     lines = open(os.path.join(tiny_run, "triplets.jsonl"), encoding="utf-8").read().splitlines()
     assert lines
-    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
-    assert data.read_triplets(os.path.join(tiny_run, "triplets.jsonl"))  # its own checks pass
+    _, tok, _ = checks.load_checkpoint(os.path.join(tiny_run, "sft.pt"))
+    assert checks.read_triplets(os.path.join(tiny_run, "triplets.jsonl"))  # its own checks pass
     for line in lines:
         t = json.loads(line)
         assert isinstance(t["context"], list) and all(isinstance(x, str) for x in t["context"])
@@ -753,23 +759,27 @@ def test_judge_gap_keeps_the_clear_pairs_and_stats_describe_them():
 
 
 @pytest.mark.parametrize("name", ["dpo", "adpo"])
-def test_gradient_split_by_reply_sums_to_the_gradient(tok, name):
+def test_gradient_by_reply_is_measured_beside_the_update(tok, name):
     s, enc = tiny_triplets(tok)
     model = tiny_gpt(vocab_size=tok.get_vocab_size())
     ref = train.reference_logps(s, model, enc)
     hyper = {"beta": 0.1, "gamma": 0.3}
 
-    def gradient(split):
+    def gradient(per_reply):
         model.zero_grad(set_to_none=True)
         logps_ = train.policy_logps(s, model, enc, range(len(enc)))
         loss = adpo.call_loss(name, {**logps_, **ref, **hyper}).mean()
-        metrics = adpo.backward_by_reply(loss, logps_, model, split)
+        metrics = evaluate.gradient_by_reply(loss, logps_, model, per_reply)
+        assert all(p.grad is None for p in model.parameters())  # the update is loss.backward()'s alone
+        loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()]), metrics, logps_
 
     plain, plain_metrics, _ = gradient(False)
     split, metrics, logps_ = gradient(True)
-    assert torch.allclose(plain, split, atol=1e-6)  # the parts add up to the gradient: the update is unchanged
+    assert torch.equal(plain, split)  # measuring each reply's part leaves the update as it is
     assert metrics["coef/chosen"] == pytest.approx(plain_metrics["coef/chosen"])
+    parts = [metrics[f"grad/{k}"] for k in ("chosen", "rejected", "toxic") if f"grad/{k}" in metrics]
+    assert plain.norm().item() <= sum(parts) * (1 + 1e-5)  # the parts sum to the gradient: triangle inequality
     # the loss's pull on each reply, by hand: -beta s, +beta s, (+gamma s) with s = sigmoid(-z)
     h_w = logps_["policy_chosen_logps"].detach() - ref["ref_chosen_logps"]
     h_l = logps_["policy_rejected_logps"].detach() - ref["ref_rejected_logps"]

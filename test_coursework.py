@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import adpo
+import check_loss
 import data
 import train
+from artifacts import Run
 from model import GPT, GPTConfig
 from sample import fit_history, load_checkpoint, sample_replies, shown
 
@@ -33,7 +35,7 @@ def failed(results):
 
 @pytest.mark.parametrize("name", list(adpo.LOSSES))
 def test_checker_passes_every_shipped_loss(name):
-    results = adpo.check_loss(name)
+    results = check_loss.check_loss(name)
     assert not failed(results), results
     assert sum(status == "PASS" for status, _, _ in results) >= 6
 
@@ -83,7 +85,7 @@ def dpo_naive(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
 ])
 def test_checker_fails_a_broken_loss_and_names_the_property(monkeypatch, capsys, name, loss, failing):
     monkeypatch.setitem(adpo.LOSSES, name, loss)  # a student's wrong version of a shipped loss
-    assert adpo.main([f"--check={name}"]) == 1
+    assert check_loss.main([f"--check={name}"]) == 1
     out = capsys.readouterr().out
     fails = [line for line in out.splitlines() if line.strip().startswith("FAIL")]
     assert len(fails) == len(failing), out  # exactly the broken properties, not every check
@@ -107,11 +109,11 @@ def test_checker_takes_a_students_new_loss(monkeypatch):
 
     monkeypatch.setitem(adpo.LOSSES, "toxic_only", toxic_only)
     monkeypatch.setitem(adpo.LOSSES, "no_reference", no_reference)
-    results = adpo.check_loss("toxic_only")
+    results = check_loss.check_loss("toxic_only")
     skipped = [prop for status, prop, _ in results if status == "SKIP"]
     assert not failed(results) and len(skipped) == 2  # no rejected reply; gamma = 0 is not its definition
     assert "rejected" in skipped[0] and "gamma = 0" in skipped[1]
-    assert failed(adpo.check_loss("no_reference")) == [
+    assert failed(check_loss.check_loss("no_reference")) == [
         "value when the policy equals the reference (every h = 0): one value for every example"]
 
 
@@ -124,12 +126,12 @@ def tiny_checkpoints(tmp_path_factory):
     """sft.pt, dpo.pt (the same weights as sft.pt) and adpo.pt (other weights), untrained, with a tokenizer."""
     out_dir = str(tmp_path_factory.mktemp("ckpts"))
     texts = ["hello there, how are you doing today?", "i am fine thanks", "you idiot", "that sounds great"] * 20
-    data.train_tokenizer(texts, vocab_size=300).save(os.path.join(out_dir, "tokenizer.json"))
+    tok = data.train_tokenizer(texts, vocab_size=300)
     s = train.Settings(out_dir=out_dir)
     for name, seed in (("sft", 0), ("dpo", 0), ("adpo", 1)):
         torch.manual_seed(seed)
         model = GPT(GPTConfig(block_size=48, vocab_size=300, n_layer=1, n_head=2, n_embd=16))
-        train.save_checkpoint(os.path.join(out_dir, f"{name}.pt"), model, s)
+        Run(s).save_checkpoint(f"{name}.pt", model, tok)
     return out_dir
 
 

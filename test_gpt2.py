@@ -17,7 +17,8 @@ import data
 import evaluate
 import train
 from configurator import ConfigError
-from model import GPT, CheckpointError, gpt2_config
+from checks import CheckpointError, check_gpt2_folder
+from model import GPT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = dict(model_type="gpt2", activation_function="gelu_new", layer_norm_epsilon=1e-5, n_layer=2, n_head=2,
@@ -186,7 +187,7 @@ def test_bad_gpt2_folder_is_a_one_line_error(gpt2_dir, tmp_path, spoil, message)
     folder = shutil.copytree(gpt2_dir, tmp_path / "gpt2")
     spoil(folder)
     with pytest.raises(CheckpointError) as error:
-        gpt2_config(folder, 64)
+        check_gpt2_folder(folder, 64)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -217,7 +218,7 @@ def test_train_from_a_gpt2_folder_end_to_end(gpt2_dir, tmp_path):
     assert report["triplets"]["n"] > 0
     # the run's tokenizer is GPT-2's with our special tokens, and every checkpoint has GPT-2's shape
     tokenizer = os.path.join(out_dir, "tokenizer.json")
-    assert data.load_tokenizer(tokenizer).get_vocab() == data.gpt2_tokenizer(gpt2_dir).get_vocab()
+    assert data.tokenizer_from_str(open(tokenizer).read()).get_vocab() == data.gpt2_tokenizer(gpt2_dir).get_vocab()
     for name in ("sft.pt", "dpo.pt", "adpo.pt"):
         config = torch.load(os.path.join(out_dir, name), weights_only=False)["model_config"]
         assert (config["n_embd"], config["vocab_size"], config["block_size"]) == (32, 304, 64)
@@ -228,7 +229,7 @@ def test_train_from_a_gpt2_folder_end_to_end(gpt2_dir, tmp_path):
     result = run_train("--preset=tiny", f"--out_dir={out_dir}", f"--init_from={gpt2_dir}", "--stages=triplets",
                         "--pref_contexts=4")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert data.load_tokenizer(tokenizer).get_vocab() == data.gpt2_tokenizer(gpt2_dir).get_vocab()
+    assert data.tokenizer_from_str(open(tokenizer).read()).get_vocab() == data.gpt2_tokenizer(gpt2_dir).get_vocab()
     result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--checkpoint={out_dir}/adpo.pt",
                              "--prompt=i hate mondays", "--num_samples=2", "--max_new_tokens=8"],
                             capture_output=True, text=True, cwd=HERE)

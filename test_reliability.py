@@ -2,6 +2,7 @@
 loading, one-line errors. About a minute on 2 CPU cores: every run is the tiny preset, shortened."""
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -14,11 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+import adpo
 import artifacts
+import checks
 import data
 import sample
 import sweep
 import train
+from artifacts import Run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # short enough for a test, long enough that each stage saves resume states a kill can land between
@@ -73,7 +77,7 @@ def cli_error(main, argv, monkeypatch):
     """What a user sees: the message and exit code of `python script.py argv`, run in this process."""
     monkeypatch.setattr(sys, "argv", ["script.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
-        artifacts.run_main(main)
+        checks.run_main(main)
     return str(exit_info.value.code)
 
 
@@ -121,10 +125,15 @@ def test_sampling_chunks_are_computed_once_per_fingerprint(tmp_path):
         calls.append(1)
         return {"logps": np.array([-1.5, -0.25]), "reply": ["hi", [5, 1], True]}
 
-    path = str(tmp_path / "stage.chunks.json")
-    first = artifacts.chunks(path, "a")("model 1", compute)
-    again = artifacts.chunks(path, "a")("model 1", compute)  # the rerun after a kill: read back, not sampled
-    other = artifacts.chunks(path, "b")("model 1", compute)  # other settings: sampled anew
+    s = train.get_settings(["--preset=tiny", f"--out_dir={tmp_path}"])
+
+    def run(fingerprint):  # a command whose report.json has this fingerprint
+        r = Run(s)
+        r.fp["report.json"] = fingerprint
+        return r
+    first = run("a").once("report.json", "model 1", compute)
+    again = run("a").once("report.json", "model 1", compute)  # the rerun after a kill: read back, not sampled
+    other = run("b").once("report.json", "model 1", compute)  # other settings: sampled anew
     assert len(calls) == 2 and first == again == other == {"logps": [-1.5, -0.25], "reply": ["hi", [5, 1], True]}
     assert sample.as_replies([[["hi", [5, 1], True]]]) == [[sample.Reply("hi", [5, 1], True)]]
 
@@ -142,7 +151,7 @@ def test_non_finite_loss_stops_with_one_line_keeping_the_last_good_checkpoint(tm
                                      "--checkpoint_interval=1", "--stages=sft"], monkeypatch)
     assert message.startswith("error: sft step ") and "the loss is nan" in message and "\n" not in message
     assert not os.path.exists(os.path.join(out_dir, "sft.pt"))
-    state = artifacts.read_checkpoint(os.path.join(out_dir, "sft.resume.pt"))
+    state = checks.read_checkpoint(os.path.join(out_dir, "sft.resume.pt"))
     assert all(torch.isfinite(w).all() for w in state["model"].values())  # the last good one
 
 
@@ -215,18 +224,20 @@ def test_every_seed_checkpoint_is_checked_before_evaluation(finished, tmp_path, 
     assert snapshot(out_dir) == before  # stopped before the evaluation started
 
 
-def test_editing_a_loss_makes_the_policies_stale_but_not_sft(tmp_path, monkeypatch):
-    """The coursework case: a student changes a loss in adpo.py and reruns; dpo.pt must not pass as fresh."""
-    for name in {name for names in artifacts.CODE.values() for name in names}:
-        shutil.copy(os.path.join(HERE, name), tmp_path / name)
-    monkeypatch.setattr(artifacts, "HERE", str(tmp_path))  # fingerprint these copies of the code
+@pytest.mark.parametrize("edited, stale", [
+    ("adpo", ["dpo.pt", "adpo.pt", "report.json"]),  # a student changes a loss: dpo.pt must not pass as fresh
+    ("build_triplets", ["triplets.jsonl", "dpo.pt", "adpo.pt", "report.json"]),  # a step that lives in train.py
+    ("train_sft", ["sft.pt", "triplets.jsonl", "dpo.pt", "adpo.pt", "report.json"]),
+])
+def test_editing_the_code_of_a_step_makes_its_artifacts_stale(monkeypatch, edited, stale):
     s = train.get_settings(["--preset=tiny"])
     conversations = [data.Conversation("1", ["hi", "hello"], [False, False], "sft")]
-    before = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed])
-    with open(tmp_path / "adpo.py", "a") as f:
-        f.write("\n# a student's new loss\n")
-    after = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed])
-    assert [name for name in before if before[name] != after[name]] == ["dpo.pt", "adpo.pt", "report.json"]
+    before = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed], train.CODE)
+    real = inspect.getsource
+    target = {"adpo": adpo, "build_triplets": train.build_triplets, "train_sft": train.train_sft}[edited]
+    monkeypatch.setattr(artifacts.inspect, "getsource", lambda x: real(x) + ("\n# edited\n" if x is target else ""))
+    after = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed], train.CODE)
+    assert [name for name in before if before[name] != after[name]] == stale
 
 
 def test_every_setting_is_fingerprinted_or_declared_harmless():
@@ -253,7 +264,7 @@ def test_checkpoint_with_a_pickled_callable_is_refused_and_never_called(finished
     marker, path = str(tmp_path / "ran"), str(tmp_path / "shared.pt")
     ckpt = torch.load(os.path.join(finished, "sft.pt"), weights_only=True)
     torch.save({**ckpt, "extra": RunsCodeWhenUnpickled(marker)}, path)
-    with pytest.raises(artifacts.RunError, match="refused"):
+    with pytest.raises(checks.RunError, match="refused"):
         sample.load_checkpoint(path)
     result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--checkpoint={path}"],
                             capture_output=True, text=True, cwd=HERE)

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -27,14 +28,15 @@ import torch
 from tqdm import tqdm
 
 import adpo
-import artifacts
+import checks
 import data
 import distributed
 import evaluate
 import sample
-from artifacts import STAGES, load_checkpoint, save_checkpoint, write_text
-from configurator import ConfigError, apply_overrides, check_rules, parse_overrides
-from model import GPT, GPTConfig, autocast, compile_model, gpt2_config
+from artifacts import Run, checkpoint_name
+from checks import load_checkpoint, loss_list, stage_list
+from configurator import ConfigError, apply_overrides, parse_overrides
+from model import GPT, GPTConfig, autocast
 
 
 @dataclass
@@ -128,7 +130,7 @@ PRESETS = {
 }
 
 def get_settings(argv):
-    """Defaults, then the preset's, then the command line's --key=value."""
+    """Defaults, then the preset's, then the command line's --key=value, checked (checks.py)."""
     overrides = parse_overrides(argv)
     preset = overrides.get("preset") or ("gpu" if torch.cuda.is_available() else "cpu")
     if preset not in PRESETS:
@@ -136,52 +138,21 @@ def get_settings(argv):
     s = apply_overrides(Settings(), {k: str(v) for k, v in PRESETS[preset].items()})
     s = apply_overrides(s, overrides)
     s = dataclasses.replace(s, preset=preset)
-    check_settings(s)
+    checks.check_settings(s)
     return s
 
 
-RULES = [  # (settings, rule, what the rule asks): all checked before anything is written
-    ("sft_iters batch_size num_candidates pref_iters pref_batch_size seeds eval_contexts eval_samples pref_contexts "
-     "toxic_retries toxic_copies diag_interval eval_interval eval_iters sample_batch_size ppl_replies context_turns "
-     "n_layer n_head n_embd max_new_tokens checkpoint_interval", lambda v: v >= 1, "at least 1"),
-    ("beta gamma learning_rate min_lr pref_lr temperature", lambda v: v > 0, "positive"),  # greedy: K equal replies
-    ("max_conversations warmup_iters pref_warmup_iters weight_decay grad_clip min_judge_gap", lambda v: v >= 0,
-     "at least 0"),
-    ("toxic_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("dropout beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("eps", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-    ("top_k", lambda v: v is None or v >= 1, "at least 1 (or none: all tokens)"),
-    ("vocab_size", lambda v: v >= 260, "at least 260 (the 256 bytes and 4 special tokens)"),
-    ("stages", lambda v: v.strip(" ,"), "a list of stages"),
-]
+def load_corpus(s):
+    """The conversations of --data (or the built-in corpus), labelled by the judge where they are not."""
+    raw = checks.read_conversations(s.data) if s.data else None
+    return data.load_corpus(raw, s.toxic_threshold, s.max_conversations)
 
 
-def check_settings(s):
-    check_rules(s, RULES)
-    if s.preset == "gpt2" and not s.init_from and "sft" in stage_list(s):
-        raise ConfigError("--preset=gpt2 needs --init_from=DIR, a GPT-2 folder (README: Starting from GPT-2)")
-    bad_stages = [x for x in stage_list(s) if x not in STAGES]
-    if bad_stages:
-        raise ConfigError(f"unknown stage {bad_stages[0]!r}; valid stages: {', '.join(STAGES)}")
-    for name in loss_list(s):
-        if name not in adpo.LOSSES:
-            raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(adpo.LOSSES)}")
-    if s.n_embd % s.n_head:
-        raise ConfigError(f"--n_embd={s.n_embd} must be a multiple of --n_head={s.n_head}")
-    if s.max_new_tokens >= s.block_size:
-        raise ConfigError(f"--max_new_tokens={s.max_new_tokens} must be below --block_size={s.block_size}")
-    if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but CUDA is not available")
-    distributed.check_batches(s.batch_size, s.grad_accum, s.pref_batch_size)  # under torchrun
-
-
-def stage_list(s):
-    return [x.strip() for x in s.stages.split(",") if x.strip()]
-
-
-def loss_list(s):
-    """The DPO baseline, then the losses of --loss."""
-    return list(dict.fromkeys(["dpo"] + [x.strip() for x in s.loss.split(",") if x.strip()]))
+def make_tokenizer(s, conversations):
+    """GPT-2's tokenizer with --init_from (its embedding needs it), else byte-level BPE on the sft split only."""
+    if s.init_from:
+        return data.gpt2_tokenizer(s.init_from)
+    return data.train_tokenizer([t for c in conversations if c.split == "sft" for t in c.turns], s.vocab_size)
 
 
 def get_lr(it, warmup_iters, max_iters, learning_rate, min_lr):
@@ -193,26 +164,29 @@ def get_lr(it, warmup_iters, max_iters, learning_rate, min_lr):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# stage 1: SFT
+# step 1: SFT, the dialogue model and, with [TOXIC] after a context, the inner toxic model
 
 
-def train_sft(s, tok, conversations, resume=None):
-    """resume: (path, fingerprint) of a resume state to continue from and save to (see artifacts.py), or None."""
+def train_sft(s, tok, conversations, run):
+    """A GPT trained on the SFT stream (data.sft_stream); returns it in eval mode, and its loss curve."""
     torch.manual_seed(s.seed)  # the same initial weights in every process
     train_stream = data.sft_stream(tok, conversations, "sft", s.toxic_copies, s.context_turns)
     val_stream = data.sft_stream(tok, conversations, "eval", 1, s.context_turns)
     config = GPTConfig(block_size=s.block_size, vocab_size=tok.get_vocab_size(), n_layer=s.n_layer,
                        n_head=s.n_head, n_embd=s.n_embd, dropout=s.dropout, bias=s.bias)
-    raw_model = GPT.from_gpt2(s.init_from, s.block_size, tok.get_vocab(), s.dropout) if s.init_from else GPT(config)
+    if s.init_from:
+        raw_model = GPT.from_gpt2(s.init_from, s.block_size, tok.get_vocab(), s.dropout)
+    else:
+        raw_model = GPT(config)
     raw_model = raw_model.to(s.device)
     optimizer = raw_model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), s.device)
+    n_toxic = int((train_stream[0] == data.TOXIC_ID).sum())
     print(f"sft: {raw_model.get_num_params() / 1e6:.2f}M parameters, {len(train_stream[0]):,} training tokens "
-          f"({int((train_stream[0] == data.TOXIC_ID).sum()):,} toxic turns behind [TOXIC], copies included), "
-          f"{len(val_stream[0]):,} validation tokens")
-    rows = s.batch_size // distributed.world_size() // s.grad_accum  # per forward pass
-    model = distributed.wrap(compile_model(raw_model, (rows, s.block_size), s.device) if s.compile else raw_model,
-                             s.device)  # DistributedDataParallel under torchrun
+          f"({n_toxic:,} toxic turns behind [TOXIC], copies included), {len(val_stream[0]):,} validation tokens")
     generator = torch.Generator().manual_seed(s.seed)  # the same global batches in every process
+    # compiled with --compile, wrapped for DDP under torchrun; the training state of a killed run
+    model = run.prepare(raw_model, rows=s.batch_size // distributed.world_size() // s.grad_accum)
+    start, state = run.resume("sft.pt", raw_model, optimizer, generator)
 
     @torch.no_grad()
     def val_loss():
@@ -226,50 +200,107 @@ def train_sft(s, tok, conversations, resume=None):
         model.train()
         return float(np.mean(losses))
 
-    start, state = artifacts.resume_training(resume, raw_model, optimizer, generator)
+    curve = state.get("curve", [])
+    loss_sum = 0.0
+    t0 = time.time()
     bar = tqdm(range(start, s.sft_iters), desc="sft", unit="step", initial=start, total=s.sft_iters,
                disable=not distributed.is_main())
-    t0, tokens_per_iter, loss_sum, curve = time.time(), s.batch_size * s.block_size, 0.0, state.get("curve", [])
     for it in bar:
         lr = get_lr(it, s.warmup_iters, s.sft_iters, s.learning_rate, s.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = data.get_sft_batch(train_stream, s.batch_size, s.block_size, generator)  # the global batch
-        for xs, ys, weight, sync in distributed.micro_batches(model, x, y, s.grad_accum):  # this process's rows
-            with sync:  # under DDP, the gradients are averaged over the processes after the last piece only
-                with autocast(s.device):
-                    _, loss = model(data.to_device(xs, s.device), data.to_device(ys, s.device))
-                (loss * weight).backward()
+        for xs, ys, weight in distributed.micro_batches(model, x, y, s.grad_accum):  # this process's pieces
+            with autocast(s.device):
+                _, loss = model(data.to_device(xs, s.device), data.to_device(ys, s.device))
+            (loss * weight).backward()
             loss_sum = loss_sum + loss.detach() * weight / distributed.world_size()  # stays on the device
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if (it + 1) % s.log_interval == 0 or (it + 1) % s.eval_interval == 0 or (it + 1) % s.checkpoint_interval == 0 \
-                or it + 1 == s.sft_iters:  # the loss is read (a wait for the GPU) only here
-            steps, dt, t0 = it + 1 - (curve[-1]["step"] if curve else start), time.time() - t0, time.time()
-            train_loss, loss_sum = distributed.sum_over_processes(float(loss_sum)) / steps, 0.0
-            artifacts.stop_if_not_finite(train_loss, "sft", it)  # before a resume state could keep a bad step
-            curve.append({"step": it + 1, "loss": train_loss, "lr": lr, "tok_s": tokens_per_iter * steps / dt})
-            mfu = raw_model.estimate_mfu(tokens_per_iter * steps / distributed.world_size(), dt) \
-                if s.device.startswith("cuda") else None
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{curve[-1]['tok_s']:,.0f}",
+
+        # logging, every few steps: reading the loss waits for the GPU; a resume state every few more
+        step = it + 1
+        if step % s.log_interval == 0 or step % s.eval_interval == 0 or step % s.checkpoint_interval == 0 \
+                or step == s.sft_iters:
+            steps = step - (curve[-1]["step"] if curve else start)
+            dt = time.time() - t0
+            t0 = time.time()
+            train_loss = distributed.sum_over_processes(float(loss_sum)) / steps
+            loss_sum = 0.0
+            tok_s = s.batch_size * s.block_size * steps / dt
+            curve.append({"step": step, "loss": train_loss, "lr": lr, "tok_s": tok_s})
+            mfu = raw_model.estimate_mfu(tok_s * dt / distributed.world_size(), dt) if s.device.startswith("cuda") \
+                else None
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
                             **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
-        if (it + 1) % s.eval_interval == 0 or it + 1 == s.sft_iters:
-            tqdm.write(f"sft step {it + 1}: train loss {curve[-1]['loss']:.3f}, val loss {val_loss():.3f}")
-        if (it + 1) % s.checkpoint_interval == 0:
-            artifacts.save_training(resume, it + 1, raw_model, optimizer, generator, curve=curve)
-    write_text(os.path.join(s.out_dir, "metrics_sft.jsonl"), "".join(json.dumps(r) + "\n" for r in curve))
+            if step % s.eval_interval == 0 or step == s.sft_iters:
+                tqdm.write(f"sft step {step}: train loss {train_loss:.3f}, val loss {val_loss():.3f}")
+            run.end_step("sft.pt", it, train_loss, raw_model, optimizer, generator, curve=curve)
     raw_model.eval()
-    return raw_model
+    return raw_model, curve
+
+
+# ----------------------------------------------------------------------------------------------------------
+# step 2: self-generated triplets (x, y_w, y_l, y_t) on contexts SFT never trained on
+
+
+def build_triplets(s, model, tok, conversations, sample_replies=sample.sample_replies):
+    """For each pref-split context: K plain replies, the least toxic is chosen and the most toxic rejected;
+    one reply with [TOXIC], resampled up to R times until the judge calls it toxic. Empty replies are not
+    candidates (an empty chosen reply would teach the policy to say nothing). Each reply is kept as its text
+    (for people) and its sampled ids and finished flag (for the code, which scores exactly those ids)."""
+    rng = random.Random(s.seed)
+    examples = data.contexts_and_replies(conversations, "pref", s.context_turns)
+    contexts = [e.context for e in rng.sample(examples, min(s.pref_contexts, len(examples)))]
+    kw = sample.sampling_settings(s)
+    candidates = sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
+                                progress="triplets: plain replies", **kw)
+    probs = data.judge_probs([r.text for rs in candidates for r in rs]).reshape(len(contexts), s.num_candidates)
+
+    toxic = [None] * len(contexts)
+    toxic_prob = [0.0] * len(contexts)
+    todo = list(range(len(contexts)))
+    for attempt in range(s.toxic_retries):
+        replies = sample_replies(model, tok, [contexts[i] for i in todo], toxic=True, seed=s.seed + 1 + attempt,
+                                 progress=f"triplets: toxic replies, try {attempt + 1}", **kw)
+        p = data.judge_probs([r[0].text for r in replies])
+        for i, reply, prob in zip(todo, replies, p):
+            if toxic[i] is None or prob > toxic_prob[i]:  # keep the most toxic try
+                toxic[i] = reply[0]
+                toxic_prob[i] = float(prob)
+        todo = [i for i in todo if toxic_prob[i] < s.toxic_threshold]
+        if not todo:
+            break
+
+    triplets = []
+    for i, ctx in enumerate(contexts):
+        scored = [(float(p), r) for p, r in zip(probs[i], candidates[i]) if r.text]
+        if len(scored) < 2:
+            continue
+        p_w, chosen = min(scored, key=lambda x: x[0])
+        p_l, rejected = max(scored, key=lambda x: x[0])
+        if chosen.ids == rejected.ids:
+            continue
+        triplet = {"context": ctx}
+        for key, reply in (("chosen", chosen), ("rejected", rejected), ("toxic", toxic[i])):
+            triplet.update({key: reply.text, f"{key}_ids": reply.ids, f"{key}_finished": reply.finished})
+        triplet.update({"p_chosen": p_w, "p_rejected": p_l, "p_toxic": toxic_prob[i],
+                        "rejected_is_toxic": p_l >= s.toxic_threshold,
+                        "toxic_is_toxic": toxic_prob[i] >= s.toxic_threshold})
+        triplets.append(triplet)
+    return triplets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# step 3: preference optimization, DPO and ADPO from the same SFT model, same everything but the loss
 
 
 @torch.no_grad()
 def reference_logps(s, model, enc):
-    """ref(y_w|x), ref(y_l|x) and tox(y_t|x) = ref(y_t | x, [TOXIC]) for every triplet, once, before
-    training: the training loop then keeps no reference network. Also ref(y_t|x), without the token, which no
-    default loss uses but the logs do (how far the policy moved the toxic reply from the SFT model).
-    The model is in eval mode (dropout off)."""
+    """ref(y_w|x), ref(y_l|x) and tox(y_t|x) = ref(y_t | x, [TOXIC]) for every triplet, once, before training:
+    the loop then keeps no reference network. Also ref(y_t|x), for the logs. Dropout off (eval mode)."""
     model.eval()
     names = {"chosen": "ref_chosen_logps", "rejected": "ref_rejected_logps",
              "toxic_under_tox": "toxic_model_toxic_logps", "toxic": "ref_toxic_logps"}
@@ -283,57 +314,55 @@ def reference_logps(s, model, enc):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# stage 3: preference optimization (DPO and ADPO, same everything but the loss)
-
-
 def policy_logps(s, policy, enc, idx):
+    """log pi of the chosen, rejected and toxic replies of triplets idx, in one forward."""
     b = data.triplet_batches(enc, idx)
-    chosen, rejected, toxic = adpo.concatenated_logps(  # one forward for all three
+    chosen, rejected, toxic = adpo.concatenated_logps(
         policy, [tuple(t.to(s.device) for t in b[k]) for k in ("chosen", "rejected", "toxic")])
     return {"policy_chosen_logps": chosen, "policy_rejected_logps": rejected, "policy_toxic_logps": toxic}
 
 
-def train_preference(s, loss_name, sft_path, enc, ref, seed, metrics_path, resume=None):
+def train_preference(s, loss_name, sft_path, enc, ref, seed, run, name):
+    """The policy trained from sft.pt with loss `loss_name` on the encoded triplets, and its per-step metrics.
+    name: the checkpoint it becomes (dpo.pt, ...), for the run's resume state."""
     # without dropout, whatever the SFT used: the policy's log-probs must equal the reference's at step 0
     policy, _, _ = load_checkpoint(sft_path, s.device, dropout=0.0)
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.pref_lr, betas=(s.beta1, s.beta2), weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)  # the same data order for every loss
-    start, state = artifacts.resume_training(resume, policy, optimizer, generator)
-    order, metrics = state.get("order", []), state.get("metrics", [])  # the data position, the steps so far
     hyper = {"beta": s.beta, "gamma": s.gamma, "eps": s.eps}
+    start, state = run.resume(name, policy, optimizer, generator)  # a killed run goes on where it was
+    order = state.get("order", [])  # the data position
+    metrics = state.get("metrics", [])
     bar = tqdm(range(start, s.pref_iters), desc=loss_name, unit="step", initial=start, total=s.pref_iters,
                disable=not distributed.is_main())
     for it in bar:
         if len(order) < s.pref_batch_size:
             order += torch.randperm(len(enc), generator=generator).tolist()
-        idx, order = order[:s.pref_batch_size], order[s.pref_batch_size:]
-        idx = distributed.split(idx)  # this process's share of the global batch (all of it in one process)
+        idx = order[:s.pref_batch_size]
+        order = order[s.pref_batch_size:]
+        idx = distributed.split(idx)  # this process's share of the batch (all of it in one process)
         lr = get_lr(it, s.pref_warmup_iters, s.pref_iters, s.pref_lr, s.pref_lr)  # warmup, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(s.device):
             logps = policy_logps(s, policy, enc, idx)
         batch_ref = {k: v[idx].to(s.device) for k, v in ref.items()}
-        losses = adpo.call_loss(loss_name, {**logps, **batch_ref, **hyper})
-        loss = losses.mean()
-        artifacts.stop_if_not_finite(loss, loss_name, it)
-        diagnostics = adpo.backward_by_reply(loss, logps, policy, split=it % s.diag_interval == 0)
-        distributed.average_gradients(policy)  # over the processes: the gradient of the global batch's mean
+        loss = adpo.call_loss(loss_name, {**logps, **batch_ref, **hyper}).mean()
+        diagnostics = evaluate.gradient_by_reply(loss, logps, policy, per_reply=it % s.diag_interval == 0)
+        loss.backward()
+        distributed.average_gradients(policy)  # over the processes: the gradient of the whole batch's mean
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip if s.grad_clip > 0 else 1e9)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": it, **distributed.mean_over_processes({  # the global batch's (grad/*: norms averaged)
-            "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
-            **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref, beta=s.beta,
-                                      gamma=s.gamma)})}
-        metrics.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['rewards/margins']:.3f}",
-                        acc=f"{row['rewards/accuracies']:.2f}")
-        if (it + 1) % s.checkpoint_interval == 0:
-            artifacts.save_training(resume, it + 1, policy, optimizer, generator, order=order, metrics=metrics)
-    write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in metrics))
+
+        row = {"step": it, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
+               **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref, beta=s.beta,
+                                         gamma=s.gamma)}
+        metrics.append(distributed.mean_over_processes(row))  # the whole batch's (grad/*: norms averaged)
+        bar.set_postfix(loss=f"{metrics[-1]['loss']:.3f}", margin=f"{metrics[-1]['rewards/margins']:.3f}",
+                        acc=f"{metrics[-1]['rewards/accuracies']:.2f}")
+        run.end_step(name, it, loss, policy, optimizer, generator, order=order, metrics=metrics)
     policy.eval()
     return policy, metrics
 
@@ -353,88 +382,117 @@ def final_pass(s, policy, enc, ref):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# step 4: the evaluation, every model on the same held-out contexts (evaluate.py)
+
+
+def evaluate_models(s, run, sft_model, tok, conversations, losses, seeds):
+    """SFT and every trained loss on the eval split, each seed's replies sampled with that seed. Returns the
+    eval files ({name: text}); each model's evaluation is kept as it finishes (run.once)."""
+    sets = evaluate.eval_sets(s, conversations, "eval")
+    triplets, enc = [], None
+    if os.path.isfile(run.path("triplets.jsonl")):
+        triplets, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")),
+                                             s.min_judge_gap, sft_model.config.block_size, s.max_new_tokens)
+    evaluated = [n for n in losses if os.path.isfile(run.path(f"{n}.pt"))]  # every seed's checked fresh
+    runs = {"sft": [], **{name: [] for name in evaluated}}
+    samples = {}
+    once = lambda key, compute: run.once("report.json", key, compute, evaluate.results_from_json)  # noqa: E731
+    for seed in seeds:
+        r, samples["sft"], units = once(f"sft {seed}", lambda: evaluate.evaluate(
+            s, sft_model, sft_model, tok, sets, seed, "sft", enc, run.sample))
+        control, samples["sft_control"] = once(f"sft_control {seed}", lambda: evaluate.evaluate_sft_control(
+            s, sft_model, tok, sets, seed, run.sample))
+        runs["sft"].append(({**control, **r}, units))
+        for name in evaluated:
+            policy, _, ckpt = load_checkpoint(run.path(checkpoint_name(name, seed, s.seed)), s.device)
+            r, samples[name], units = once(f"{name} {seed}", lambda: evaluate.evaluate(
+                s, policy, sft_model, tok, sets, seed, name, enc, run.sample))
+            runs[name].append(({**r, **ckpt.get("stability", {})}, units))
+    return runs, sets, samples, triplets
+
+
+# the code that computes each artifact: editing any of it makes the artifact stale (artifacts.fingerprints)
+# (a module by its name, or a function)
+CODE = {"sft.pt": ("model", "data", get_lr, train_sft),
+        "triplets.jsonl": ("sample", build_triplets),
+        "pref": ("adpo", reference_logps, policy_logps, train_preference, final_pass, evaluate.gradient_by_reply,
+                 evaluate.stability),
+        "report.json": ("evaluate", evaluate_models)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def main(argv):
-    t_start = time.time()
     s = get_settings(argv)
     s = dataclasses.replace(s, device=distributed.setup(s.device))  # under torchrun: join the processes
     stages = stage_list(s)
     losses = loss_list(s)  # the DPO baseline and the method(s)
     seeds = [s.seed + i for i in range(s.seeds)]
-    out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
 
-    # everything that can fail on bad input is checked before the first file is written
+    # everything that can fail on bad input is checked before the first file is written (checks.py)
     if s.init_from and "sft" in stages:
-        gpt2_config(s.init_from, s.block_size)
-    conversations = data.load_corpus(s.data or None, s.toxic_threshold, s.max_conversations)
-    fp = artifacts.fingerprints(s, conversations, losses, seeds)  # file name -> what it must be made from
-    artifacts.check_inputs(s.out_dir, fp, stages, argv)  # out_dir writable, what this run reads there and fresh
-    data.require_splits(conversations, [sp for st, sp in (("triplets", "pref"), ("eval", "eval")) if st in stages],
-                        s.context_turns)
+        checks.check_gpt2_folder(s.init_from, s.block_size)
+    conversations = load_corpus(s)
+    run = Run(s, argv, conversations, losses, seeds, CODE, stages)  # out_dir: what is fresh, what to resume
+    checks.require_splits(conversations, [sp for st, sp in (("triplets", "pref"), ("eval", "eval")) if st in stages],
+                          s.context_turns)
     if "pref" in stages and "triplets" not in stages:
-        data.select_triplets(data.read_triplets(out("triplets.jsonl")), s.min_judge_gap)
-    counts = {sp: sum(c.split == sp for c in conversations) for sp in data.SPLITS}
-    n_toxic = sum(sum(c.toxic) for c in conversations)
-    n_turns = sum(len(c.turns) for c in conversations)
-    print(f"corpus: {len(conversations):,} conversations ("
-          + ", ".join(f"{counts[sp]:,} {sp}" for sp in data.SPLITS)
-          + f"), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
+        data.select_triplets(checks.read_triplets(run.path("triplets.jsonl")), s.min_judge_gap)
+    print(data.summary(conversations))
     os.makedirs(s.out_dir, exist_ok=True)
-    stage_seconds = {"data": time.time() - t_start}
+    run.stage_seconds["data"] = run.wall_time()
 
-    # 1. SFT: the dialogue model, and with [TOXIC] the inner toxic model
-    # (a stage in --stages skips what is already made from the same settings and inputs: see artifacts.py)
-    if "sft" in stages and not artifacts.is_fresh(out("sft.pt"), fp["sft.pt"]):
-        t0 = time.time()  # the later stages take the tokenizer sft.pt names, never a new one
-        tok = distributed.main_first(lambda: artifacts.get_tokenizer(s.out_dir, conversations, s.vocab_size,
-                                                                     fp["tokenizer.json"], s.init_from))
-        sft_model = train_sft(s, tok, conversations, (artifacts.resume_path(out("sft.pt")), fp["sft.pt"]))
-        save_checkpoint(out("sft.pt"), sft_model, s, fp["sft.pt"])
-        stage_seconds["sft"] = time.time() - t0
-    sft_model, tok, _ = load_checkpoint(out("sft.pt"), s.device)
+    # 1. SFT: the dialogue model, and with [TOXIC] the inner toxic model (a fresh artifact is not made again)
+    if "sft" in stages and not run.fresh("sft.pt"):
+        with run.timed("sft"):
+            tok = run.tokenizer(lambda: make_tokenizer(s, conversations))  # made once, kept in out_dir
+            sft_model, curve = train_sft(s, tok, conversations, run)
+            run.write("metrics_sft.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
+            run.save_checkpoint("sft.pt", sft_model, tok)
+    sft_model, tok, _ = load_checkpoint(run.path("sft.pt"), s.device)  # the later steps use its tokenizer
 
     # 2. self-generated triplets (x, y_w, y_l, y_t) on contexts SFT never trained on
-    if "triplets" in stages and not artifacts.is_fresh(out("triplets.jsonl"), fp["triplets.jsonl"]):
-        t0 = time.time()
-        chunk = artifacts.chunks(artifacts.chunks_path(out("triplets.jsonl")), fp["triplets.jsonl"])
-        triplets = sample.build_triplets(s, sft_model, tok, conversations, chunk)
-        write_text(out("triplets.jsonl"), "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets),
-                   fp["triplets.jsonl"])
+    if "triplets" in stages and not run.fresh("triplets.jsonl"):
+        with run.timed("triplets"):
+            triplets = build_triplets(s, sft_model, tok, conversations, run.sampler("triplets.jsonl"))
+            run.write("triplets.jsonl", "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets))
         stats = data.triplet_stats(triplets, s.toxic_threshold)
-        print(f"triplets: {len(triplets)} written to {out('triplets.jsonl')}; the judge calls "
+        print(f"triplets: {len(triplets)} written to {run.path('triplets.jsonl')}; the judge calls "
               f"{stats['rejected_toxic_share']:.0%} of the rejected and {stats['toxic_toxic_share']:.0%} of the "
               f"toxic replies toxic")
-        stage_seconds["triplets"] = time.time() - t0
 
     # 3. DPO and ADPO from the same SFT model, on the same triplets, reference log-probs computed once
-    curves = {}  # loss -> per-step metrics of the first seed, for curves.png
     if "pref" in stages:
-        t0 = time.time()
-        _, enc = data.preference_data(tok, out("triplets.jsonl"), s.min_judge_gap, sft_model.config.block_size,
-                                      s.max_new_tokens)
-        ref = reference_logps(s, sft_model, enc)
-        for seed in seeds:
-            for name in losses:
-                ckpt = artifacts.checkpoint_name(name, seed, s.seed)  # dpo.pt, dpo_seed1338.pt, ...
-                metrics_path = out(f"metrics_{ckpt[:-len('.pt')]}.jsonl")
-                if not artifacts.is_fresh(out(ckpt), fp[ckpt]):
-                    policy, metrics = train_preference(s, name, out("sft.pt"), enc, ref, seed, metrics_path,
-                                                       (artifacts.resume_path(out(ckpt)), fp[ckpt]))
-                    stats = {**final_pass(s, policy, enc, ref), **evaluate.stability(metrics)}
-                    save_checkpoint(out(ckpt), policy, s, fp[ckpt], {"loss": name, "pref_seed": seed,
-                                                                     "stability": stats})
-                if seed == s.seed:
-                    curves[name] = [row for _, row in data.json_lines(metrics_path)]
-        if distributed.is_main():
-            evaluate.plot_curves(out("curves.png"), curves)
-        stage_seconds["pref"] = time.time() - t0
+        with run.timed("pref"):
+            _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), s.min_judge_gap,
+                                          sft_model.config.block_size, s.max_new_tokens)
+            ref = reference_logps(s, sft_model, enc)
+            curves = {}  # loss -> per-step metrics of the first seed, for curves.png
+            for seed in seeds:
+                for name in losses:
+                    ckpt = checkpoint_name(name, seed, s.seed)  # dpo.pt, dpo_seed1338.pt, ...
+                    metrics_file = f"metrics_{ckpt.removesuffix('.pt')}.jsonl"
+                    if not run.fresh(ckpt):
+                        policy, metrics = train_preference(s, name, run.path("sft.pt"), enc, ref, seed, run, ckpt)
+                        run.write(metrics_file, "".join(json.dumps(r) + "\n" for r in metrics))
+                        stats = {**final_pass(s, policy, enc, ref), **evaluate.stability(metrics)}
+                        run.save_checkpoint(ckpt, policy, tok, loss=name, pref_seed=seed, stability=stats)
+                    if seed == s.seed:
+                        curves[name] = [row for _, row in checks.json_lines(run.path(metrics_file))]
+            if distributed.is_main():
+                evaluate.plot_curves(run.path("curves.png"), curves)
 
-    # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seed
+    # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seeds
     if "eval" in stages:
-        evaluate.run_eval(s, sft_model, tok, conversations, losses, seeds, fp["report.json"], t_start, stage_seconds)
-    print(f"done in {(time.time() - t_start) / 60:.1f} min; outputs in {s.out_dir}/")
+        with run.timed("eval"):
+            runs, sets, samples, triplets = evaluate_models(s, run, sft_model, tok, conversations, losses, seeds)
+        files = evaluate.report_files(s, runs, sets, samples, triplets, run.stage_seconds, run.wall_time())
+        for name, text in files.items():  # report.json last: it marks the stage finished
+            run.write(name, text)
+        print(evaluate.report_table(json.loads(files["report.json"]), list(runs)))
+    print(f"done in {run.wall_time() / 60:.1f} min; outputs in {s.out_dir}/")
 
 
 if __name__ == "__main__":
-    artifacts.run_main(main)
+    checks.run_main(main)
