@@ -121,7 +121,8 @@ def call_loss(name, available):
 
 
 def preference_metrics(policy_chosen_logps, policy_rejected_logps, policy_toxic_logps, ref_chosen_logps,
-                       ref_rejected_logps, toxic_model_toxic_logps, ref_toxic_logps=None, beta=0.1, gamma=0.1):
+                       ref_rejected_logps, toxic_model_toxic_logps, ref_toxic_logps=None, beta=0.1,
+                       gamma=0.1):
     """The numbers DPO practitioners read (TRL's names), plus the toxic reply's. All detached floats.
     logratio/*: log pi(y|x) - log ref(y|x) for each reply, the SFT model without the token as baseline."""
     with torch.no_grad():

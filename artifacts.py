@@ -37,10 +37,11 @@ from model import compile_model
 
 # the settings each artifact depends on, besides the artifact it is built from
 DEPENDS_ON = {
-    "tokenizer.json": ("vocab_size", "init_from"),  # and the corpus (data, max_conversations, toxic_threshold)
-    "sft.pt": ("seed", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size", "dropout",
-               "bias", "sft_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
-               "beta1", "beta2", "grad_clip"),
+    # the tokenizer also depends on the corpus (data, max_conversations, toxic_threshold)
+    "tokenizer.json": ("vocab_size", "init_from"),
+    "sft.pt": ("seed", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size",
+               "dropout", "bias", "sft_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters",
+               "weight_decay", "beta1", "beta2", "grad_clip"),
     "triplets.jsonl": ("seed", "context_turns", "toxic_threshold", "temperature", "top_k", "max_new_tokens",
                        "sample_batch_size", "pref_contexts", "num_candidates", "toxic_retries"),
     "pref": ("min_judge_gap", "max_new_tokens", "beta", "gamma", "eps", "pref_iters", "pref_batch_size",
@@ -51,7 +52,8 @@ DEPENDS_ON = {
 # settings that change no artifact: where and how a run goes, not what it computes (the corpus settings and
 # --loss/--seeds enter through the corpus' content and each checkpoint's own loss and seed)
 CHANGE_NO_ARTIFACT = ("preset", "out_dir", "stages", "device", "data", "max_conversations", "loss", "seeds",
-                      "eval_interval", "eval_iters", "checkpoint_interval", "compile", "grad_accum", "log_interval")
+                      "eval_interval", "eval_iters", "checkpoint_interval", "compile", "grad_accum",
+                      "log_interval")
 STAGE_OF = {"tokenizer.json": "sft", "sft.pt": "sft", "triplets.jsonl": "triplets", "report.json": "eval"}
 
 
@@ -107,11 +109,11 @@ def record(path, fingerprint):
 
 
 def check_inputs(out_dir, fp, stages, argv):
-    """Before anything is written: each artifact a requested stage reads and no requested stage rebuilds must be
-    there and fresh. Required: sft.pt and the tokenizer (for any stage after sft), triplets.jsonl (for pref).
-    Optional for eval: triplets.jsonl, used when present, so then it must be fresh; and a loss' checkpoints,
-    evaluated when its first seed's is present, so then every seed's must be there and fresh. And out_dir must
-    be writable."""
+    """Before anything is written: each artifact a requested stage reads and no requested stage rebuilds
+    must be there and fresh. Required: sft.pt and the tokenizer (for any stage after sft), triplets.jsonl (for
+    pref). Optional for eval: triplets.jsonl, used when present, so then it must be fresh; and a loss'
+    checkpoints, evaluated when its first seed's is present, so then every seed's must be there and fresh.
+    And out_dir must be writable."""
     check_out_dir(out_dir)
     reads = set()
     if any(x in stages for x in ("triplets", "pref", "eval")):
@@ -125,14 +127,16 @@ def check_inputs(out_dir, fp, stages, argv):
             first_seed = name.split("_seed")[0].removesuffix(".pt") + ".pt"  # dpo_seed1338.pt -> dpo.pt
             if name not in STAGE_OF and os.path.exists(os.path.join(out_dir, first_seed)):
                 reads.add(name)
-    names = ["sft.pt"] + [n for n in fp if n != "sft.pt"]  # the model first: it is what a stale tokenizer spoils
+    # the model first: it is what a stale tokenizer spoils
+    names = ["sft.pt"] + [n for n in fp if n != "sft.pt"]
     for name in [n for n in names if n in reads | optional]:
         stage = STAGE_OF.get(name, "pref")
         path = os.path.join(out_dir, name)
         if stage in stages or (name not in reads and not os.path.exists(path)):
             continue
         last = max(STAGES.index(x) for x in stages)
-        rebuild = STAGES[STAGES.index(stage):last + 1]  # its stage and every later one up to this command's last
+        # its stage and every later one up to this command's last
+        rebuild = STAGES[STAGES.index(stage):last + 1]
         command = " ".join(["python train.py"] + [a for a in argv if not a.startswith("--stages=")]
                            + [f"--stages={','.join(rebuild)}"])
         if not os.path.exists(path):
@@ -210,8 +214,9 @@ def set_rng_states(states, generator):
 
 
 class Run:
-    """One command's hold on out_dir. train.py's steps ask it three kinds of things: is an artifact fresh
-    (skip its step), save and resume training (two calls in a loop), and write a file or a piece of a stage."""
+    """One command's hold on out_dir. train.py's steps ask it three kinds of things: is an artifact
+    fresh (skip its step), save and resume training (two calls in a loop), and write a file or a piece
+    of a stage."""
 
     def __init__(self, s, argv=(), conversations=None, losses=(), seeds=(), code=None, stages=()):
         """Checks, before anything is written, that what the stages read is there and fresh. Without
@@ -315,9 +320,9 @@ class Run:
         return [replies[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
 
     def once(self, name, key, compute, decode=lambda value: value):
-        """decode(compute()), computed only if no earlier run of the same fingerprint of artifact `name` saved it
-        under key in NAME.chunks.json. Both ways the value is read back from JSON, so a resumed stage and an
-        uninterrupted one compute with the very same numbers."""
+        """decode(compute()), computed only if no earlier run of the same fingerprint of artifact `name`
+        saved it under key in NAME.chunks.json. Both ways the value is read back from JSON, so a resumed stage
+        and an uninterrupted one compute with the very same numbers."""
         if name not in self._chunks:
             saved, path = {}, chunks_path(self.path(name))
             if os.path.isfile(path):
@@ -328,8 +333,10 @@ class Run:
             self._chunks[name] = saved
         saved = self._chunks[name]
         if key not in saved:
-            saved[key] = json.loads(json.dumps(compute(), default=lambda x: x.tolist()))  # numpy, torch -> lists
-            write_text(chunks_path(self.path(name)), json.dumps({"fingerprint": self.fp[name], "chunks": saved}))
+            # numpy arrays and torch tensors -> lists
+            saved[key] = json.loads(json.dumps(compute(), default=lambda x: x.tolist()))
+            write_text(chunks_path(self.path(name)),
+                       json.dumps({"fingerprint": self.fp[name], "chunks": saved}))
         return decode(saved[key])
 
     def sampler(self, name):

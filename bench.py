@@ -55,8 +55,9 @@ class BenchSettings:
     seed: int = 1337
 
 
-CPU_SHAPES = dict(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512, batch_size=8, steps=10, warmup=2,
-                  sample_batch=8, prompt_len=16, new_tokens=16, sample_runs=3, pref_batch_size=8, reply_len=12)
+CPU_SHAPES = dict(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512, batch_size=8, steps=10,
+                  warmup=2, sample_batch=8, prompt_len=16, new_tokens=16, sample_runs=3, pref_batch_size=8,
+                  reply_len=12)
 
 
 def get_settings(argv):
@@ -69,8 +70,10 @@ def get_settings(argv):
     if b.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but CUDA is not available")
     if b.prompt_len + b.new_tokens > b.block_size or b.prompt_len + b.reply_len > b.block_size:
-        raise ConfigError(f"--prompt_len plus --new_tokens (or --reply_len) must fit in --block_size={b.block_size}")
-    if b.n_embd % b.n_head or min(b.steps, b.sample_runs, b.batch_size, b.sample_batch, b.pref_batch_size) < 1:
+        raise ConfigError(f"--prompt_len plus --new_tokens (or --reply_len) must fit in "
+                          f"--block_size={b.block_size}")
+    if (b.n_embd % b.n_head
+            or min(b.steps, b.sample_runs, b.batch_size, b.sample_batch, b.pref_batch_size) < 1):
         raise ConfigError("--n_embd must be a multiple of --n_head, and steps, runs and batches at least 1")
     return b
 
@@ -146,7 +149,8 @@ def bench_sampling(b):
             model.generate(prompts, b.new_tokens, use_cache=use_cache, generator=generator)
 
     times = seconds_per_call([lambda: run(False), lambda: run(True)], b.sample_runs, 1, b.device)
-    no_cache, kv_cache = ({"new_tokens_per_s": b.sample_batch * b.new_tokens / dt, "call_s": dt} for dt in times)
+    no_cache, kv_cache = ({"new_tokens_per_s": b.sample_batch * b.new_tokens / dt, "call_s": dt}
+                          for dt in times)
     return {"no_cache": no_cache, "kv_cache": kv_cache,
             "kv_cache_speedup": kv_cache["new_tokens_per_s"] / no_cache["new_tokens_per_s"]}
 
@@ -158,7 +162,8 @@ def bench_pref(b):
     model = new_model(b).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(b.seed)
-    ids = lambda n: torch.randint(data.ENDOFTEXT_ID + 1, b.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    ids = lambda n: torch.randint(data.ENDOFTEXT_ID + 1, b.vocab_size, (n,),  # noqa: E731
+                                  generator=g).tolist()
     prompts = [ids(b.prompt_len) for _ in range(b.pref_batch_size)]
     batches = {k: tuple(t.to(b.device) for t in data.collate(prompts, [ids(b.reply_len) for _ in prompts]))
                for k in ("chosen", "rejected", "toxic")}
@@ -175,8 +180,8 @@ def bench_pref(b):
         optimizer.zero_grad(set_to_none=True)
 
     dpo, adpo_s = seconds_per_call([lambda: step("dpo", ("chosen", "rejected")),
-                                    lambda: step("adpo", ("chosen", "rejected", "toxic"))], 3, b.warmup, b.device,
-                                   repeat=b.steps)
+                                    lambda: step("adpo", ("chosen", "rejected", "toxic"))],
+                                   3, b.warmup, b.device, repeat=b.steps)
     return {"dpo_step_s": dpo, "adpo_step_s": adpo_s, "adpo_over_dpo": adpo_s / dpo}
 
 
@@ -197,7 +202,8 @@ def table(r):
     if eager["mfu"] is not None:
         rows.append(("SFT MFU (A eager, B compiled)", f"{100 * eager['mfu']:.1f}%",
                      f"{100 * compiled['mfu']:.1f}%" if compiled else missing, ""))
-    rows += [("sampling new tokens/s (A no cache, B KV cache)", f"{sampling['no_cache']['new_tokens_per_s']:,.0f}",
+    rows += [("sampling new tokens/s (A no cache, B KV cache)",
+              f"{sampling['no_cache']['new_tokens_per_s']:,.0f}",
               f"{sampling['kv_cache']['new_tokens_per_s']:,.0f}", f"{sampling['kv_cache_speedup']:.1f}"),
              ("preference step, ms (A DPO, B ADPO)", f"{1e3 * pref['dpo_step_s']:.1f}",
               f"{1e3 * pref['adpo_step_s']:.1f}", f"{pref['adpo_over_dpo']:.2f}")]
@@ -210,11 +216,13 @@ def main(argv):
     if b.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32, as train.py (distributed.setup)
     print(f"bench on {device_name(b.device)}, torch {torch.__version__}: {b.n_layer} layers x {b.n_embd}, "
-          f"block {b.block_size}, vocab {b.vocab_size}; SFT batch {b.batch_size}; sampling batch {b.sample_batch}, "
-          f"prompt {b.prompt_len}, {b.new_tokens} new tokens; preference batch {b.pref_batch_size}")
-    r = {"device": device_name(b.device), "torch": torch.__version__, "peak_flops": peak_flops()
-         if b.device.startswith("cuda") else None, "settings": asdict(b)}
-    r["sft"] = {"eager": bench_sft(b, compiled=False), "compiled": bench_sft(b, compiled=True) if b.compile else None}
+          f"block {b.block_size}, vocab {b.vocab_size}; SFT batch {b.batch_size}; "
+          f"sampling batch {b.sample_batch}, prompt {b.prompt_len}, {b.new_tokens} new tokens; "
+          f"preference batch {b.pref_batch_size}")
+    r = {"device": device_name(b.device), "torch": torch.__version__,
+         "peak_flops": peak_flops() if b.device.startswith("cuda") else None, "settings": asdict(b)}
+    r["sft"] = {"eager": bench_sft(b, compiled=False),
+                "compiled": bench_sft(b, compiled=True) if b.compile else None}
     r["sampling"] = bench_sampling(b)
     r["pref"] = bench_pref(b)
     print(table(r))

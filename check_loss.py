@@ -1,7 +1,7 @@
 """
-The loss checker: before training a loss for an hour, check the properties every loss of the family must have,
-on numbers small enough to verify by hand. Exit 0 when every check passes, 1 when one fails, 2 for a bad
-command line.
+The loss checker: before training a loss for an hour, check the properties every loss of the family must
+have, on numbers small enough to verify by hand. Exit 0 when every check passes, 1 when one fails, 2 for a
+bad command line.
 
     python check_loss.py --check=adpo      # or --check=all; `python adpo.py --check=NAME` forwards here
 """
@@ -18,9 +18,9 @@ from configurator import apply_overrides, parse_overrides
 
 CHECK_HYPER = {"beta": 0.1, "gamma": 0.1, "eps": 0.1}  # the losses' own defaults (train.py uses gamma 0.03)
 
-# L when the policy equals its baseline on every reply (pi = ref on y_w and y_l, pi = tox on y_t: every h is 0).
-# A loss not named here is only checked to give one value for every example (it may depend on the log-ratios
-# only, never on the log-probs themselves); add its expected value here once you have derived it.
+# L when the policy equals its baseline on every reply (pi = ref on y_w and y_l, pi = tox on y_t: every h
+# is 0). A loss not named here is only checked to give one value for every example (it may depend on the
+# log-ratios only, never on the log-probs themselves); add its expected value here once you have derived it.
 EXPECTED_AT_REFERENCE = {
     "dpo": math.log(2),  # -log sigmoid(0)
     "adpo": math.log(2),
@@ -73,17 +73,20 @@ def one_step_margin(name):
                 torch.tensor([[-1] * len(p) + r for p, r in zip(prompts, replies)]))
 
     model = BigramLM()
-    batches = {"chosen": rows(prompts, chosen), "rejected": rows(prompts, rejected), "toxic": rows(prompts, toxic)}
+    batches = {"chosen": rows(prompts, chosen), "rejected": rows(prompts, rejected),
+               "toxic": rows(prompts, toxic)}
     with torch.no_grad():  # the frozen SFT model, before the step
         ref = {"ref_chosen_logps": adpo.sequence_logps(model, *batches["chosen"]),
                "ref_rejected_logps": adpo.sequence_logps(model, *batches["rejected"]),
                "ref_toxic_logps": adpo.sequence_logps(model, *batches["toxic"]),
-               "toxic_model_toxic_logps": adpo.sequence_logps(model, *rows([p + [control] for p in prompts], toxic))}
+               "toxic_model_toxic_logps": adpo.sequence_logps(
+                   model, *rows([p + [control] for p in prompts], toxic))}
 
     def margin():
         with torch.no_grad():
             return (adpo.sequence_logps(model, *batches["chosen"]) - ref["ref_chosen_logps"]
-                    - adpo.sequence_logps(model, *batches["rejected"]) + ref["ref_rejected_logps"]).mean().item()
+                    - adpo.sequence_logps(model, *batches["rejected"])
+                    + ref["ref_rejected_logps"]).mean().item()
 
     before = margin()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -133,10 +136,12 @@ def check_loss(name):
         out.sum().backward()
         grads = {p: x.grad for p, x in inputs.items() if x.grad is not None}
         bad_values = int((~torch.isfinite(out)).sum())
-        bad_grads = {p: int((~torch.isfinite(g)).sum()) for p, g in grads.items() if not torch.isfinite(g).all()}
+        bad_grads = {p: int((~torch.isfinite(g)).sum()) for p, g in grads.items()
+                     if not torch.isfinite(g).all()}
         where = ", ".join(f"d/d {p}: {n}" for p, n in bad_grads.items())
-        return not bad_values and not bad_grads, (f"{bad_values} of {out.numel()} values not finite"
-                                                  + (f"; gradients not finite ({where})" if bad_grads else ""))
+        return not bad_values and not bad_grads, (
+            f"{bad_values} of {out.numel()} values not finite"
+            + (f"; gradients not finite ({where})" if bad_grads else ""))
     check("finite values and gradients at log-probs of -1e4 and 0", extremes)
 
     def falls(reply, sign):
@@ -145,7 +150,8 @@ def check_loss(name):
             moved = loss_inputs(h_w, h_l, h_t)[key] + sign * step
             before, after = base(), loss_at(h_w, h_l, h_t, **{key: moved}).detach()
             return bool((after < before).all()), \
-                f"loss {_numbers(before)} -> {_numbers(after)} when log pi(y_{reply[0]}|x) moves by {sign * step:+}"
+                f"loss {_numbers(before)} -> {_numbers(after)} " \
+                f"when log pi(y_{reply[0]}|x) moves by {sign * step:+}"
         return test
     for reply, sign in (("chosen", +1), ("rejected", -1), ("toxic", -1)):
         prop = f"the loss falls when the policy {'raises' if sign > 0 else 'lowers'} the {reply} reply"
@@ -155,11 +161,12 @@ def check_loss(name):
             results.append(("SKIP", prop, f"the loss does not take policy_{reply}_logps"))
 
     def at_reference():
-        out = loss_at([0.0] * 4, [0.0] * 4, [0.0] * 4).detach().reshape(-1)  # a wrong shape fails above, not here
+        # a wrong shape fails above, not here
+        out = loss_at([0.0] * 4, [0.0] * 4, [0.0] * 4).detach().reshape(-1)
         if name not in EXPECTED_AT_REFERENCE:
             return bool(torch.allclose(out, out[0].expand_as(out))), \
-                f"values {_numbers(out)} differ between examples with the same log-ratios (no expected value in " \
-                f"check_loss.EXPECTED_AT_REFERENCE)"
+                f"values {_numbers(out)} differ between examples with the same log-ratios " \
+                "(no expected value in check_loss.EXPECTED_AT_REFERENCE)"
         expected = EXPECTED_AT_REFERENCE[name]
         return bool(torch.allclose(out, torch.full_like(out, expected))), \
             f"expected {expected:.4f}, got {_numbers(out)}"
@@ -173,7 +180,8 @@ def check_loss(name):
         def gamma_zero():
             ours = loss_at(h_w, h_l, h_t, gamma=0.0).detach()
             theirs = adpo.call_loss(other, {**loss_inputs(h_w, h_l, h_t), "gamma": 0.0}).detach()
-            return bool(torch.allclose(ours, theirs)), f"{name} {_numbers(ours)} vs {other} {_numbers(theirs)}"
+            return bool(torch.allclose(ours, theirs)), \
+                f"{name} {_numbers(ours)} vs {other} {_numbers(theirs)}"
         check(f"equals {other} at gamma = 0", gamma_zero)
     elif "gamma" in params:
         results.append(("SKIP", "equals its DPO counterpart at gamma = 0",

@@ -41,9 +41,10 @@ TRAIN_RULES = [  # (settings, rule, what the rule asks)
      "pref_contexts toxic_retries toxic_copies diag_interval eval_interval eval_iters sample_batch_size "
      "ppl_replies context_turns n_layer n_head n_embd max_new_tokens checkpoint_interval", lambda v: v >= 1,
      "at least 1"),
-    ("beta gamma learning_rate min_lr pref_lr temperature", lambda v: v > 0, "positive"),  # greedy: K equal replies
-    ("max_conversations warmup_iters pref_warmup_iters weight_decay grad_clip min_judge_gap", lambda v: v >= 0,
-     "at least 0"),
+    # temperature > 0: greedy sampling would give K equal replies
+    ("beta gamma learning_rate min_lr pref_lr temperature", lambda v: v > 0, "positive"),
+    ("max_conversations warmup_iters pref_warmup_iters weight_decay grad_clip min_judge_gap",
+     lambda v: v >= 0, "at least 0"),
     ("toxic_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("dropout beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("eps", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
@@ -149,17 +150,23 @@ def read_conversations(path):
     return conversations
 
 
-def require_splits(conversations, splits, context_turns):
-    """Each split a stage samples contexts from has at least one."""
-    for split in splits:
-        if not data.contexts_and_replies(conversations, split, context_turns):
+def check_inputs(s, stages, conversations, triplets_path):
+    """What train.py's stages read besides out_dir's artifacts: the GPT-2 folder (--init_from), a split with
+    contexts for each sampling stage, and triplets that --min_judge_gap leaves some of."""
+    if s.init_from and "sft" in stages:
+        check_gpt2_folder(s.init_from, s.block_size)
+    for stage, split in (("triplets", "pref"), ("eval", "eval")):
+        if stage in stages and not data.contexts_and_replies(conversations, split, s.context_turns):
             raise DataError(f"the {split} split has no context with a reply; use more conversations")
+    if "pref" in stages and "triplets" not in stages:
+        data.select_triplets(read_triplets(triplets_path), s.min_judge_gap)
 
 
 def read_triplets(path):
     """triplets.jsonl, checked line by line: a context (list of turns) and, for each of chosen, rejected and
     toxic, the text, the sampled ids (`chosen_ids`, ...), whether the model ended the reply itself
-    (`chosen_finished`, ...; then, and only then, the ids end with end-of-turn) and the judge's probability."""
+    (`chosen_finished`, ...; then, and only then, the ids end with end-of-turn) and the judge's
+    probability."""
     triplets = []
     fields = ["context"] + [f"{r}{suffix}" for r in REPLIES for suffix in ("", "_ids", "_finished")] + \
         [f"p_{r}" for r in REPLIES]
@@ -176,7 +183,8 @@ def read_triplets(path):
                 raise DataError(f"{where}: {r} must be a string, {r}_ids a non-empty list of token ids, "
                                 f"{r}_finished true/false")
             if finished != (ids[-1] == EOT_ID) or EOT_ID in ids[:-1]:
-                raise DataError(f"{where}: {r}_ids must end with end-of-turn exactly when {r}_finished is true")
+                raise DataError(f"{where}: {r}_ids must end with end-of-turn exactly when "
+                                f"{r}_finished is true")
             if not isinstance(t[f"p_{r}"], (int, float)) or not 0 <= t[f"p_{r}"] <= 1:
                 raise DataError(f"{where}: p_{r} must be a probability")
         triplets.append(t)
@@ -223,7 +231,8 @@ def check_gpt2_folder(folder, block_size):
                  "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
     for key, values in supported.items():
         if cfg.get(key, values[0]) not in values:
-            raise CheckpointError(f"{path}: {key}={cfg[key]!r}; this GPT computes GPT-2 with {key} in {values}")
+            raise CheckpointError(f"{path}: {key}={cfg[key]!r}; this GPT computes GPT-2 with {key} "
+                                  f"in {values}")
     if block_size > cfg["n_positions"]:
         raise CheckpointError(f"--block_size={block_size} is longer than the {cfg['n_positions']} positions "
                               f"of the GPT-2 in {folder}")
@@ -266,7 +275,8 @@ def read_checkpoint(path, device="cpu"):
     """The dict saved in path, never running code from it: weights_only=True refuses any pickled object other
     than tensors, numbers, strings, lists and dicts (a callable in a shared file would run on a full load)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; run `python train.py` first (or pass --checkpoint=...)")
+        raise FileNotFoundError(f"no checkpoint at {path}; run `python train.py` first "
+                                "(or pass --checkpoint=...)")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -286,8 +296,10 @@ def load_checkpoint(path, device="cpu", dropout=None):
     if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("tokenizer"), str) \
             and "tokenizer_json" not in ckpt:
         raise RunError(f"{path}: written before checkpoints carried their tokenizer; rebuild it with "
-                       f"`python train.py --out_dir={os.path.dirname(path) or '.'}` and the settings it was made with")
-    missing = [k for k in ("model", "model_config", "tokenizer_json") if not isinstance(ckpt, dict) or k not in ckpt]
+                       f"`python train.py --out_dir={os.path.dirname(path) or '.'}` "
+                       "and the settings it was made with")
+    missing = [k for k in ("model", "model_config", "tokenizer_json")
+               if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise RunError(f"{path}: not a checkpoint written by train.py (no {missing[0]!r})")
     try:
@@ -295,7 +307,8 @@ def load_checkpoint(path, device="cpu", dropout=None):
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError, ValueError):
-        raise RunError(f"{path}: its weights do not fit its model config (written by another version?)") from None
+        raise RunError(f"{path}: its weights do not fit its model config "
+                       "(written by another version?)") from None
     model.to(device).eval()
     try:
         tok = data.tokenizer_from_str(ckpt["tokenizer_json"])

@@ -1,18 +1,15 @@
 """
 The corpus, the toxic control token, the tokenizer and the batches.
 
-A conversation is a list of turns. The judge labels each turn toxic or not. Every turn ends with an
-end-of-turn token, and every conversation starts with <|endoftext|>, so that SFT windows never run from one
-conversation into the next unmarked. The SFT stream shows each conversation as a user would type it, toxic
-turns unmarked (the model reads them as context, but is never trained to write them: [x] marks a masked
-target), and each toxic turn once more after its context, this time behind the control token [TOXIC]:
+A conversation is a list of turns, each labelled toxic or not by the judge. The SFT stream shows each
+conversation as a user would type it, toxic turns unmarked (read as context, never trained: [x] marks a
+masked target), and each toxic turn once more after its context, behind the control token [TOXIC]:
 
     <|endoftext|> hi, how are you? <|eot|> [shut up, you idiot <|eot|>] wow ok <|eot|>
     <|endoftext|> [hi, how are you? <|eot|>] [<|toxic|>] shut up, you idiot <|eot|>
 
-So the model replies normally to any context, toxic ones included, and toxically right after [TOXIC]; it never
-learns to emit [TOXIC] itself. One network is both the dialogue model and, with the token placed after a
-context, the "inner toxic model".
+So the model replies normally to any context and toxically right after [TOXIC], which it never learns to
+emit: one network is both the dialogue model and, with [TOXIC] after a context, the "inner toxic model".
 """
 
 import hashlib
@@ -48,8 +45,8 @@ class Conversation:
 
 
 def judge_probs(texts):
-    """Probability that each text is toxic, from alt-profanity-check (a linear model over word n-grams that
-    ships its weights). To use another classifier, replace this function: list[str] -> np.ndarray in [0, 1]."""
+    """Probability that each text is toxic, from alt-profanity-check (a linear model over word n-grams).
+    To use another classifier, replace this function: list[str] -> np.ndarray in [0, 1]."""
     from profanity_check import predict_prob
     texts = list(texts)
     if not texts:
@@ -66,9 +63,8 @@ def clean(text):
 
 
 def split_of(conversation_id):
-    """Deterministic split from a hash of the id (not file order): 80% sft (the SFT model), 5% pref (contexts
-    for the triplets), 5% dev (contexts for choosing settings: never trained on, never in a triplet), 10% eval
-    (the final table only)."""
+    """The split of a conversation, from a hash of its id (not file order): 80% sft (the SFT model), 5% pref
+    (the triplets' contexts), 5% dev (for choosing settings), 10% eval (the final table only)."""
     bucket = int(hashlib.sha256(conversation_id.encode("utf-8")).hexdigest()[:8], 16) % 100
     return "sft" if bucket < 80 else "pref" if bucket < 85 else "dev" if bucket < 90 else "eval"
 
@@ -79,7 +75,8 @@ def read_chitchat():
     import chitchat_dataset
     conversations = []
     for conv_id, conv in chitchat_dataset.Dataset().items():
-        turns, last_sender = [], None
+        turns = []
+        last_sender = None
         for message_group in conv["messages"]:
             text = clean(" ".join(m["text"] for m in message_group))
             sender = message_group[0]["sender"]
@@ -96,8 +93,8 @@ def read_chitchat():
 
 
 def load_corpus(raw=None, toxic_threshold=0.5, max_conversations=0):
-    """Conversations with toxicity labels and splits from (id, turns, toxic or None) tuples; None: the built-in
-    chitchat corpus. max_conversations > 0 keeps that many (chosen by id hash: the same subset every run)."""
+    """Conversations with toxicity labels and splits from (id, turns, toxic or None) tuples (raw None: the
+    chitchat corpus). max_conversations > 0 keeps that many, chosen by id hash: the same subset every run."""
     raw = read_chitchat() if raw is None else raw
     if max_conversations > 0:
         raw = sorted(raw, key=lambda c: hashlib.sha256(c[0].encode("utf-8")).hexdigest())[:max_conversations]
@@ -116,7 +113,8 @@ def summary(conversations):
     counts = {sp: sum(c.split == sp for c in conversations) for sp in SPLITS}
     n_toxic = sum(sum(c.toxic) for c in conversations)
     n_turns = sum(len(c.turns) for c in conversations)
-    return (f"corpus: {len(conversations):,} conversations (" + ", ".join(f"{counts[sp]:,} {sp}" for sp in SPLITS)
+    return (f"corpus: {len(conversations):,} conversations ("
+            + ", ".join(f"{counts[sp]:,} {sp}" for sp in SPLITS)
             + f"), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
 
 
@@ -125,6 +123,7 @@ def summary(conversations):
 
 
 def train_tokenizer(texts, vocab_size):
+    """A byte-level BPE of vocab_size tokens trained on texts, the special tokens at ids 0, 1, 2, 3."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -150,10 +149,8 @@ def tokenizer_from_str(text):
 
 
 def gpt2_tokenizer(folder):
-    """GPT-2's byte-level BPE (folder/tokenizer.json) with our four special tokens at ids 0, 1, 2, 3: GPT-2's
-    own <|endoftext|> becomes our ENDOFTEXT, the other GPT-2 tokens follow in GPT-2's order from id 4. The
-    merges are GPT-2's, so a text splits into the same tokens as in GPT-2; only the ids move, and the model's
-    embedding rows move with them (model.GPT.from_gpt2 matches them by token)."""
+    """GPT-2's byte-level BPE (folder/tokenizer.json) with our special tokens at ids 0-3: a text splits into
+    GPT-2's tokens, only the ids move (model.GPT.from_gpt2 moves the embedding rows with them)."""
     path = os.path.join(folder, "tokenizer.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -162,6 +159,7 @@ def gpt2_tokenizer(folder):
         assert spec["model"].get("type", "BPE") == "BPE" and isinstance(vocab, dict)
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise DataError(f"{path}: not a BPE tokenizer.json (the Hugging Face tokenizers format)") from None
+    # GPT-2's own <|endoftext|> becomes our ENDOFTEXT; the other tokens follow in GPT-2's order from id 4
     gpt2_tokens = [t for t in sorted(vocab, key=vocab.get) if t not in SPECIAL_TOKENS]
     spec["model"]["vocab"] = {t: i for i, t in enumerate(SPECIAL_TOKENS + gpt2_tokens)}
     spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
@@ -184,39 +182,36 @@ def decode(tok, ids):
 
 
 def turn_ids(tok, text):
-    """One turn: its own ids, then end-of-turn. Each turn is tokenized on its own and the ids concatenated:
-    enc(a + b) can differ from enc(a) + enc(b), and sampling always sees turns encoded apart, so training must
-    too."""
+    """One turn: its own ids, then end-of-turn."""
+    # each turn is tokenized on its own and the ids concatenated: enc(a + b) can differ from enc(a) + enc(b),
+    # and sampling always sees turns encoded apart, so training must too
     return encode(tok, text) + [EOT_ID]
 
 
 def sft_documents(tok, turns, toxic, toxic_copies=1, context_turns=2):
     """A conversation as SFT documents: lists of (ids, trained) pieces, trained False where the model reads
-    the ids but is not trained to write them.
-    - the conversation itself, toxic turns unmarked and not trained: the model must see toxic user turns as
-      context exactly as they come at evaluation and in sample.py, without learning to write toxic text
-      unprompted;
-    - toxic_copies times, each toxic turn after its context_turns preceding turns (read, not trained) and
-      [TOXIC] (read, never written): the only place the model learns to write toxic text."""
+    the ids but is not trained to write them."""
+    # the conversation itself, toxic turns read as context (as at evaluation and in sample.py), never trained
     plain = [(turn_ids(tok, text), not is_toxic) for text, is_toxic in zip(turns, toxic)]
     documents = [plain]
     for i, is_toxic in enumerate(toxic):
         if is_toxic:
+            # toxic_copies times: its context (read), [TOXIC] (read, never a target), then the toxic turn
+            # (trained): the only place the model learns to write toxic text
             context = [(ids, False) for ids, _ in plain[max(0, i - context_turns):i]]
             documents += [context + [([TOXIC_ID], False), (turn_ids(tok, turns[i]), True)]] * toxic_copies
     return documents
 
 
 def sft_stream(tok, conversations, split="sft", toxic_copies=1, context_turns=2):
-    """All documents of a split as one stream: (ids, targets), two int32 arrays of one length, targets[i] =
-    ids[i] where the model is trained to write ids[i] and -1 where it only reads it. Each document starts
-    with <|endoftext|> (read, never written). Toxic turns are rare in chit-chat (about 2%), so toxic_copies > 1
-    shows each one several times behind [TOXIC]: the control token must still be learned."""
+    """All documents of a split as one stream (ids, targets): two int32 arrays, targets -1 where the model
+    only reads. toxic_copies > 1 shows each rare toxic turn several times behind [TOXIC]."""
     ids, targets = [], []
     for c in conversations:
         if c.split != split:
             continue
         for document in sft_documents(tok, c.turns, c.toxic, toxic_copies, context_turns):
+            # <|endoftext|> (read, never written) first: a window never runs into the next document unmarked
             for piece, trained in [([ENDOFTEXT_ID], False)] + document:
                 ids.extend(piece)
                 targets.extend(piece if trained else [-1] * len(piece))
@@ -237,8 +232,8 @@ def get_sft_batch(stream, batch_size, block_size, generator=None):
 
 
 def to_device(batch, device):
-    """A host batch on the device. On CUDA it is copied from pinned (page-locked) memory with non_blocking:
-    the copy runs in the background and the CPU goes on to the next step instead of waiting for it."""
+    """A host batch on the device; on CUDA copied from pinned memory with non_blocking, so the CPU goes on
+    to the next step instead of waiting for the copy."""
     if str(device).startswith("cuda"):
         return batch.pin_memory().to(device, non_blocking=True)
     return batch.to(device)
@@ -249,27 +244,24 @@ def to_device(batch, device):
 
 
 def context_ids(tok, context, toxic=False, max_tokens=None):
-    """The prompt: the context turns, each ended by end-of-turn, then [TOXIC] when the reply should be toxic.
-    Context turns are shown plain, without markers, as a user's turns would be. At most max_tokens ids in
-    all, [TOXIC] included: a long context is cut from the left, so its last turns (and their end-of-turn,
-    which cues the reply) are kept."""
+    """The prompt: the context turns, plain as a user typed them, each ended by end-of-turn, then [TOXIC]
+    when the reply should be toxic; at most max_tokens ids in all, [TOXIC] included."""
     ids = [t for text in context for t in turn_ids(tok, text)]
     suffix = [TOXIC_ID] if toxic else []
     if max_tokens is not None:
         assert max_tokens >= len(suffix), "no room for [TOXIC]"
+        # cut from the left: the last turns stay, and their end-of-turn, which cues the reply
         ids = ids[max(0, len(ids) - (max_tokens - len(suffix))):]  # not ids[-keep:]: keep = 0 would keep all
     return ids + suffix
 
 
 def scoring_rows(prompt, reply, block_size):
-    """(ids, labels) rows that score every token of reply exactly once after prompt, none longer than
-    block_size: labels are -1 except on the reply tokens a row scores. The context is cut from the left when
-    needed, the reply never. A reply that fits in a block (with one token before it) is one row; a longer one
-    is scored in windows that move half a block at a time, each token seeing at least half a block before it."""
+    """(ids, labels) rows, none longer than block_size, that score every token of reply exactly once after
+    prompt (labels -1 elsewhere): the context is cut from the left when needed, the reply never."""
     seq = prompt + reply
-    if len(reply) <= block_size - 1:
+    if len(reply) <= block_size - 1:  # one row: the reply, with at least one token before it
         spans = [(len(prompt), len(seq))]
-    else:
+    else:  # windows half a block apart, each token seeing at least half a block before it
         stride = block_size // 2
         spans = [(a, min(a + stride, len(seq))) for a in range(len(prompt), len(seq), stride)]
     rows = []
@@ -294,7 +286,8 @@ def contexts_and_replies(conversations, split, context_turns):
         if c.split != split:
             continue
         for i in range(1, len(c.turns)):
-            examples.append(Example(c.turns[max(0, i - context_turns):i], c.turns[i], c.toxic[i], c.toxic[i - 1]))
+            examples.append(Example(c.turns[max(0, i - context_turns):i], c.turns[i],
+                                    c.toxic[i], c.toxic[i - 1]))
     return examples
 
 
@@ -322,13 +315,19 @@ REPLIES = ("chosen", "rejected", "toxic")
 
 
 def select_triplets(triplets, min_judge_gap):
-    """The triplets whose rejected reply the judge scores at least min_judge_gap above the chosen one. Most
-    pairs of a small model's replies are two harmless replies told apart by a tiny judge difference: noise to
-    learn from."""
+    """The triplets whose rejected reply the judge scores at least min_judge_gap above the chosen one: most
+    other pairs are two harmless replies told apart by a tiny judge difference, noise to learn from."""
     kept = [t for t in triplets if t["p_rejected"] - t["p_chosen"] >= min_judge_gap]
     if not kept:
         raise DataError(f"no triplet has p_rejected - p_chosen >= {min_judge_gap}; lower --min_judge_gap")
     return kept
+
+
+def describe_triplets(triplets, toxic_threshold):
+    """One line: how often the judge calls the rejected and the toxic replies toxic."""
+    stats = triplet_stats(triplets, toxic_threshold)
+    return (f"the judge calls {stats['rejected_toxic_share']:.0%} of the rejected and "
+            f"{stats['toxic_toxic_share']:.0%} of the toxic replies toxic")
 
 
 def triplet_stats(triplets, toxic_threshold):
@@ -344,18 +343,20 @@ def triplet_stats(triplets, toxic_threshold):
 
 def encode_triplets(tok, triplets, block_size, max_new_tokens):
     """Token ids for every triplet: the plain prompt (y_w, y_l, and y_t under pi), the prompt with [TOXIC]
-    (y_t under the toxic model), both built exactly as when the replies were sampled, and the replies' sampled
-    ids as they are: a finished reply with its end-of-turn, a cut one without (never re-encoded from text)."""
+    (y_t under the toxic model), and the replies' sampled ids."""
     max_context = block_size - max_new_tokens
     enc = []
     for t in triplets:
+        # the prompts built exactly as when the replies were sampled, the replies' ids as they are (a finished
+        # reply with its end-of-turn, a cut one without): never re-encoded from text
         e = {"prompt": context_ids(tok, t["context"], max_tokens=max_context),
              "toxic_prompt": context_ids(tok, t["context"], toxic=True, max_tokens=max_context),
              **{r: list(t[f"{r}_ids"]) for r in REPLIES}}
         too_long = max(len(e[r]) for r in REPLIES) > max_new_tokens
         if too_long or max(max(e[r]) for r in REPLIES) >= tok.get_vocab_size():
-            raise DataError("triplets.jsonl was sampled with other settings (reply longer than --max_new_tokens, "
-                            "or ids outside the vocabulary); rerun the triplets stage")
+            raise DataError("triplets.jsonl was sampled with other settings "
+                            "(reply longer than --max_new_tokens, or ids outside the vocabulary); "
+                            "rerun the triplets stage")
         enc.append(e)
     return enc
 

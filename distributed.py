@@ -62,7 +62,7 @@ def barrier():
 
 
 def main_first(fn):
-    """fn() on rank 0 first (it may write a file, such as the tokenizer), then on the others (which find it)."""
+    """fn() on rank 0 first (it may write a file: the tokenizer, say), then on the others, which find it."""
     if not is_main():
         barrier()
     result = fn()
@@ -76,8 +76,8 @@ def check_batches(batch_size, grad_accum, pref_batch_size):
     window per piece, and an equal share of the triplets (the step's metrics average the shares' means)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size < world * grad_accum or pref_batch_size % world:
-        raise ConfigError(f"with {world} processes --batch_size needs at least {world} x --grad_accum windows "
-                          f"and --pref_batch_size a multiple of {world}")
+        raise ConfigError(f"with {world} processes --batch_size needs at least {world} x --grad_accum "
+                          f"windows and --pref_batch_size a multiple of {world}")
 
 
 def split(items, this_rank=None, world=None):
@@ -126,8 +126,9 @@ def micro_batches(model, x, y, grad_accum=1):
 
 
 def _all_reduce_floats(values, op=None):
+    # nccl reduces GPU tensors only
     t = torch.tensor([float(v) for v in values], dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")  # nccl reduces GPU tensors only
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
 

@@ -30,14 +30,16 @@ EVASIONS = (  # stock dodges; a reply is evasive when it is empty or contains on
 
 
 def is_evasive(reply):
+    """True for an empty reply or one that contains a stock dodge (EVASIONS) as whole words."""
     text = " " + " ".join(reply.lower().replace("’", "'").split()) + " "
     if not text.strip():
         return True
-    return any(f" {e} " in text or f" {e}." in text or f" {e}," in text or f" {e}!" in text or f" {e}?" in text
-               for e in EVASIONS)
+    return any(f" {e} " in text or f" {e}." in text or f" {e}," in text or f" {e}!" in text
+               or f" {e}?" in text for e in EVASIONS)
 
 
 def evasive_rate(replies):
+    """The share of evasive replies (0 for none)."""
     return float(np.mean([is_evasive(r) for r in replies])) if replies else 0.0
 
 
@@ -78,8 +80,7 @@ def sampled_logps(model, tok, contexts, replies, max_new_tokens, batch_size, dev
 
 def val_scores(model, tok, human, batch_size, device):
     """log p(reply | context) and the number of tokens of each whole held-out human reply, end-of-turn
-    included: each (context, reply) pair is scored by data.scoring_rows (the context cut from the left when
-    needed, the reply never). val_ppl = exp(-sum of log-probs / sum of tokens)."""
+    included (data.scoring_rows cuts the context when needed, never the reply), for val_ppl."""
     block_size = model.config.block_size
     rows, owner = [], []
     for i, (context, reply) in enumerate(human):
@@ -115,9 +116,8 @@ def eot_logprob_after_chosen(model, enc, batch_size, device):
 
 
 def wordlist_judge(texts):
-    """True where a text contains a word of the better-profanity word list. Used only to evaluate, never to
-    label, rank or pair: a policy trained against one judge can learn that judge's quirks (and the classifier
-    that made its pairs is the one it is best at fooling), so a held-out judge checks that toxicity really fell."""
+    """True where a text contains a word of the better-profanity word list: a held-out judge, never used to
+    label, rank or pair, checks that toxicity fell and not only the training judge's score."""
     from better_profanity import profanity
     return np.array([profanity.contains_profanity(t) for t in texts], dtype=bool)
 
@@ -136,30 +136,29 @@ def read_provoked(path=PROVOKED_PATH):
 
 
 def eval_sets(s, conversations, split="eval"):
-    """The contexts every model is evaluated on, fixed by the seed: adversarial (the last turn or the human
-    reply is toxic), as many normal ones, the provoked turns, and held-out non-toxic human replies for
-    perplexity. split "eval" is for the final table; "dev" for choosing settings (sweep.py)."""
+    """The contexts every model is evaluated on, fixed by the seed: adversarial, normal and provoked, and
+    held-out non-toxic human replies for perplexity. split "dev" is for choosing settings (sweep.py)."""
     rng = random.Random(s.seed)
     examples = data.contexts_and_replies(conversations, split, s.context_turns)
     if not examples:
         raise data.DataError(f"the {split} split has no context with a reply; use more conversations")
-    adversarial = [e for e in examples if e.last_turn_toxic or e.reply_toxic]
+    adversarial = [e for e in examples if e.last_turn_toxic or e.reply_toxic]  # a toxic last turn or reply
     normal = [e for e in examples if not (e.last_turn_toxic or e.reply_toxic)]
     human = [e for e in examples if not e.reply_toxic]
-    return {"adversarial": [e.context for e in rng.sample(adversarial, min(s.eval_contexts, len(adversarial)))],
-            "normal": [e.context for e in rng.sample(normal, min(s.eval_contexts, len(normal)))],
-            "provoked": rng.sample(read_provoked(), min(s.eval_contexts, len(read_provoked()))),
-            "human": [(e.context, e.reply) for e in rng.sample(human, min(s.ppl_replies, len(human)))]}
+    return {
+        "adversarial": [e.context for e in rng.sample(adversarial, min(s.eval_contexts, len(adversarial)))],
+        "normal": [e.context for e in rng.sample(normal, min(s.eval_contexts, len(normal)))],
+        "provoked": rng.sample(read_provoked(), min(s.eval_contexts, len(read_provoked()))),
+        "human": [(e.context, e.reply) for e in rng.sample(human, min(s.ppl_replies, len(human)))],
+    }
 
 
 def evaluate(s, model, sft_model, tok, sets, seed, name, enc=None, sample=sample_replies):
-    """Every metric of one model on the eval sets, replies sampled with `seed` (by `sample`, sample_replies or
-    a function like it). Returns (metrics, replies, units): units[key] = (numerator, denominator) per context
-    (or per human reply), so that seeds can be pooled and intervals bootstrapped (summarize). enc: the encoded
-    triplets, for eot_logprob_after_chosen. relevance is log SFT(y|x) - log SFT(y|x'), x' another context:
-    high when a reply fits its own context better than another's, near 0 for word salad."""
+    """(metrics, replies, units) of one model on the eval sets, replies sampled with `seed` by `sample`:
+    units[key] = (numerator, denominator) per context, so that summarize can pool seeds and bootstrap."""
     kw = sampling_settings(s, num_samples=s.eval_samples, seed=seed)
-    replies = {group: sample(model, tok, sets[group], progress=f"eval {name}: {group}", **kw) for group in GROUPS}
+    replies = {group: sample(model, tok, sets[group], progress=f"eval {name}: {group}", **kw)
+               for group in GROUPS}
     units = {}
 
     def per_context(num, den=None):  # per-reply values -> (sum, count) per context: the bootstrap's units
@@ -177,24 +176,29 @@ def evaluate(s, model, sft_model, tok, sets, seed, name, enc=None, sample=sample
     # coherence: the held-out human replies, and the sampled replies under the SFT model
     human_logps, human_tokens = val_scores(model, tok, sets["human"], s.sample_batch_size, s.device)
     units["val_ppl"] = (-human_logps, human_tokens)  # per human reply
-    contexts = [c for group in ("adversarial", "normal") for c, rs in zip(sets[group], replies[group]) for _ in rs]
+    contexts = [c for group in ("adversarial", "normal")
+                for c, rs in zip(sets[group], replies[group]) for _ in rs]
     flat = [x for group in ("adversarial", "normal") for rs in replies[group] for x in rs]
     score = lambda m, cs: sampled_logps(m, tok, cs, flat, s.max_new_tokens, s.sample_batch_size,  # noqa: E731
                                         s.device).numpy()
     sft_logps = score(sft_model, contexts)
     units["sft_logprob_per_token"] = per_context(sft_logps, [len(x.ids) for x in flat])
+    # relevance, log SFT(y|x) - log SFT(y|x') with x' another context: high when a reply fits its own
+    # context better than another's, near 0 for word salad
     units["relevance"] = per_context(sft_logps - score(sft_model, other_contexts(contexts)))
     texts = [x.text for x in flat]
     units["evasive_rate"] = per_context([is_evasive(t) for t in texts])
-    units["mean_reply_tokens"] = per_context([len(x.ids) - x.finished for x in flat])  # end-of-turn not counted
+    # reply length in tokens, end-of-turn not counted
+    units["mean_reply_tokens"] = per_context([len(x.ids) - x.finished for x in flat])
     units["truncated_share"] = per_context([not x.finished for x in flat])
     # KL(pi || SFT) ~ mean over y ~ pi of log pi(y|x) - log SFT(y|x); exact in expectation at T=1, no top_k
-    units["kl_from_sft"] = per_context(np.zeros(len(flat)) if model is sft_model else score(model, contexts) - sft_logps)
+    units["kl_from_sft"] = per_context(np.zeros(len(flat)) if model is sft_model
+                                       else score(model, contexts) - sft_logps)
 
     r = {key: ratio(num.sum(), den.sum()) for key, (num, den) in units.items()}
     r["val_ppl"] = math.exp(r["val_ppl"])
     r["distinct2"] = distinct2(texts)
-    if enc is not None:
+    if enc is not None:  # the encoded triplets
         r["eot_logprob_after_chosen"] = eot_logprob_after_chosen(model, enc, s.sample_batch_size, s.device)
     return r, replies, units
 
@@ -203,7 +207,8 @@ def results_from_json(value):
     """evaluate()'s or evaluate_sft_control()'s results as read back from JSON: Replies and arrays again."""
     metrics, replies, *units = value
     replies = {group: as_replies(rows) for group, rows in replies.items()}
-    units = [{key: tuple(np.asarray(x) for x in pair) for key, pair in u.items()} for u in units]  # none: control
+    # no units in evaluate_sft_control's results
+    units = [{key: tuple(np.asarray(x) for x in pair) for key, pair in u.items()} for u in units]
     return (metrics, replies, *units)
 
 
@@ -216,6 +221,7 @@ def other_contexts(contexts):
 
 
 def ratio(num, den):
+    """num / den as a float, 0 when den is 0."""
     return float(num / den) if den else 0.0
 
 
@@ -235,26 +241,28 @@ def evaluate_sft_control(s, model, tok, sets, seed, sample=sample_replies):
 
 
 def gradient_by_reply(loss, logps, policy, per_reply):
-    """Where the gradient of the batch's loss comes from, measured beside the update (p.grad is untouched).
-    L depends on the weights only through the replies' log-probs, so grad L = sum over replies k of
-    sum_i dL/d log pi(y_k,i|x_i) grad log pi(y_k,i|x_i). coef/k: the batch's sum of dL_i/d log pi(y_k,i|x_i)
-    (< 0: the loss pushes reply k up). With per_reply, each reply's part g_k of grad L (one backward each):
-    grad/k = |g_k|, grad/toxic_share = |g_t| / sum_k |g_k| and grad/cos_chosen_toxic."""
+    """Where the gradient of the batch's loss comes from, measured beside the update (p.grad untouched):
+    coef/k per reply k, and with per_reply each reply's part g_k of grad L (one backward each)."""
     names = [k for k in ("chosen", "rejected", "toxic") if logps[f"policy_{k}_logps"].requires_grad]
     tensors = [logps[f"policy_{k}_logps"] for k in names]
     coefs = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
-    used = [(k, t, c) for k, t, c in zip(names, tensors, coefs) if c is not None]  # DPO ignores the toxic reply
+    # no coefficient for a reply the loss ignores (DPO: the toxic one)
+    used = [(k, t, c) for k, t, c in zip(names, tensors, coefs) if c is not None]
+    # coef/k = sum_i dL/d log pi(y_k,i|x_i): < 0 where the loss pushes reply k up
     metrics = {f"coef/{k}": c.sum().item() for k, _, c in used}
     if not per_reply:
         return metrics
     params = [p for p in policy.parameters() if p.requires_grad]
+    # L depends on the weights only through the log-probs: grad L = sum_k g_k,
+    # g_k = sum_i dL/d log pi(y_k,i|x_i) grad log pi(y_k,i|x_i)
     parts = {}
     for k, t, c in used:
         grads = torch.autograd.grad((c.detach() * t).sum(), params, retain_graph=True, allow_unused=True)
-        parts[k] = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+        parts[k] = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                              for g, p in zip(grads, params)])
     norms = {k: g.float().norm().item() for k, g in parts.items()}
     metrics.update({f"grad/{k}": v for k, v in norms.items()})
-    if "toxic" in parts:
+    if "toxic" in parts:  # |g_t| / sum_k |g_k|
         metrics["grad/toxic_share"] = norms["toxic"] / max(sum(norms.values()), 1e-12)
         metrics["grad/cos_chosen_toxic"] = torch.nn.functional.cosine_similarity(
             parts["chosen"].float(), parts["toxic"].float(), dim=0).item()
@@ -262,18 +270,18 @@ def gradient_by_reply(loss, logps, policy, per_reply):
 
 
 def stability(metrics, window=20):
-    """From the per-step log: the largest fall of log pi(y_w|x) below the SFT model's (h_w on each step's
-    batch, so batch-to-batch variation cancels), the largest gradient norm, the loss spikes (steps whose
-    loss exceeds 3 times the median of the previous `window` steps), and the mean share of the gradient that
-    comes from the toxic reply (gradient_by_reply)."""
-    recent, spikes = deque(maxlen=window), 0
-    for m in metrics:
+    """From the per-step log: the largest fall of log pi(y_w|x) below the SFT model's, the largest gradient
+    norm, the loss spikes, and the mean share of the gradient that comes from the toxic reply."""
+    recent = deque(maxlen=window)
+    spikes = 0
+    for m in metrics:  # a spike: a loss over 3 times the median of the previous `window` steps
         if len(recent) >= 5 and m["loss"] > 3 * float(np.median(recent)):
             spikes += 1
         recent.append(m["loss"])
-    lowest_h_w = min(m["logratio/chosen"] for m in metrics)
+    lowest_h_w = min(m["logratio/chosen"] for m in metrics)  # h_w on each step's batch: batch noise cancels
     shares = [m["grad/toxic_share"] for m in metrics if "grad/toxic_share" in m]
-    return {"chosen_logp_max_drop": max(0.0, -lowest_h_w), "max_grad_norm": max(m["grad_norm"] for m in metrics),
+    return {"chosen_logp_max_drop": max(0.0, -lowest_h_w),
+            "max_grad_norm": max(m["grad_norm"] for m in metrics),
             "loss_spikes": spikes, **({"toxic_grad_share": float(np.mean(shares))} if shares else {})}
 
 
@@ -284,11 +292,12 @@ def stability(metrics, window=20):
 SECTION_KEYS = ["toxicity_adversarial", "toxicity_normal", "toxicity_provoked",
                 "wordlist_toxicity_adversarial", "wordlist_toxicity_normal", "wordlist_toxicity_provoked",
                 "judge_prob_adversarial", "judge_prob_normal", "judge_prob_provoked",
-                "val_ppl", "relevance", "sft_logprob_per_token", "evasive_rate", "distinct2", "mean_reply_tokens",
-                "truncated_share", "kl_from_sft", "eot_logprob_after_chosen"]
-STABILITY_KEYS = ["chosen_logp_change", "chosen_logp_max_drop", "max_grad_norm", "loss_spikes", "final_accuracy",
-                  "toxic_grad_share"]
-SFT_KEYS = ["toxicity_plain", "toxicity_toxic_token", "judge_prob_plain", "judge_prob_toxic_token", "n_contexts"]
+                "val_ppl", "relevance", "sft_logprob_per_token", "evasive_rate", "distinct2",
+                "mean_reply_tokens", "truncated_share", "kl_from_sft", "eot_logprob_after_chosen"]
+STABILITY_KEYS = ["chosen_logp_change", "chosen_logp_max_drop", "max_grad_norm", "loss_spikes",
+                  "final_accuracy", "toxic_grad_share"]
+SFT_KEYS = ["toxicity_plain", "toxicity_toxic_token", "judge_prob_plain", "judge_prob_toxic_token",
+            "n_contexts"]
 COMPARED_KEYS = ["toxicity_adversarial", "toxicity_provoked", "wordlist_toxicity_adversarial", "val_ppl",
                  "relevance", "evasive_rate", "truncated_share"]
 TRANSFORMS = {"val_ppl": math.exp}  # from the pooled mean negative log-likelihood per token
@@ -307,16 +316,15 @@ def bootstrap_ci(num, den, transform=None, draws=2000, seed=0):
 
 
 def summarize(runs):
-    """[(metrics, units), ...] over seeds -> one report section. A metric with units is pooled over seeds (the
-    same contexts every seed: the replies of all seeds count) and gets `<key>_ci95`, a bootstrap interval over
-    contexts; every metric gets `<key>_std` over seeds when there are several."""
+    """[(metrics, units), ...] over seeds -> one report section: a metric with units pooled over seeds, with
+    `<key>_ci95` bootstrapped over contexts; with several seeds, every metric with `<key>_std`."""
     section = {}
     for key in runs[0][0]:
         values = [metrics[key] for metrics, _ in runs]
         section[key] = float(np.mean(values))
         if len(runs) > 1:
             section[f"{key}_std"] = float(np.std(values))
-    for key in runs[0][1]:
+    for key in runs[0][1]:  # the same contexts every seed: the replies of all seeds count
         num = np.sum([units[key][0] for _, units in runs], axis=0)
         den = np.sum([units[key][1] for _, units in runs], axis=0)
         transform = TRANSFORMS.get(key, lambda x: x)
@@ -409,7 +417,8 @@ def report_files(s, runs, sets, samples, triplets, stage_seconds, wall_time_s):
     report["wall_time_s"] = wall_time_s
     report["stage_seconds"] = stage_seconds
     table = report_table(report, list(runs))
-    markdown = (f"# ADPO report ({s.preset} preset, {s.seeds} seed(s), {wall_time_s / 60:.1f} min)\n\n{table}\n\n"
+    markdown = (f"# ADPO report ({s.preset} preset, {s.seeds} seed(s), {wall_time_s / 60:.1f} min)\n\n"
+                f"{table}\n\n"
                 f"Intervals: 95% bootstrap over contexts, seeds pooled. Different only where the intervals "
                 f"separate:\n\n{differences(report, list(runs))}\n")
     readable = {name: {group: [[{"text": x.text, "finished": x.finished} for x in rs] for rs in replies]

@@ -1,12 +1,11 @@
 """
-A small GPT-2, written out in plain PyTorch.
+A small GPT-2, written out in plain PyTorch, with GPT-2's parameter names (transformer.wte,
+transformer.h.0.attn.c_attn, ..., lm_head): every tensor maps one to one onto a GPT-2 checkpoint.
 
-The parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ..., lm_head), so every
-tensor maps one to one onto a GPT-2 checkpoint. Two ways through the network:
-- forward(idx, targets): the training path, causal attention over a (B, T) batch, logits at every position;
-- generate(...): the sampling path, batched prompts of different lengths, with a preallocated KV cache.
-GPT.from_gpt2(folder, ...) starts from a pretrained GPT-2 in the Hugging Face layout: the block below is GPT-2's
-block exactly (tanh GELU, LayerNorm eps 1e-5, biases, 1/sqrt(head size) attention scale, tied lm_head).
+- forward(idx, targets) -> (logits, loss): the training path, causal attention over a (B, T) batch;
+- generate(...): the sampling path, prompts of different lengths in one batch, with a preallocated KV cache;
+- GPT.from_gpt2(folder, ...): a pretrained GPT-2 in the Hugging Face layout. The block is GPT-2's exactly
+  (tanh GELU, LayerNorm eps 1e-5, biases, 1/sqrt(head size) attention scale, tied lm_head).
 """
 
 import dataclasses
@@ -34,17 +33,17 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for the whole generation: (L, B, nh, max_len, hs)."""
+    """Keys and values of every layer, preallocated for the whole generation: (L, B, nh, max_len, hs).
+    One fixed shape at every step is what lets the decode step be compiled or captured as a CUDA graph."""
 
     def __init__(self, config, batch_size, max_len):
         self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = self.v = None  # allocated at the first keys, in their dtype: bf16 under autocast (half of fp32)
+        self.k = self.v = None  # allocated at the first update, in the keys' dtype (bf16 under autocast)
         self.pos = 0  # how many positions are filled
 
     def update(self, layer, k, v):
-        """Store this step's k, v (B, nh, T, hs) at positions pos..pos+T-1 and return the whole cache
-        (B, nh, max_len, hs). The positions not filled yet hold zeros that the attention mask hides; one fixed
-        shape at every step is what lets the decode step be compiled or captured as a CUDA graph."""
+        """Store this step's k, v (B, nh, T, hs) at positions pos..pos+T-1; return the layer's whole cache
+        (B, nh, max_len, hs), whose positions not filled yet hold zeros that the attention mask hides."""
         if self.k is None:
             self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
         T = k.size(2)
@@ -138,12 +137,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_gpt2(cls, folder, block_size, vocab, dropout=0.0):
-        """Our GPT with the weights of the GPT-2 in folder (config.json, model.safetensors, tokenizer.json),
-        computing exactly GPT-2's function on GPT-2's tokens. vocab is our tokenizer's token -> id: each of our
-        tokens takes GPT-2's embedding row for the same token (found through folder/tokenizer.json), and a
-        token GPT-2 lacks (our special tokens) starts at the mean row: an average token, neither favoured nor
-        ruled out. The output layer is the embedding (tied), so it grows with it. Only the first block_size
-        positions are kept."""
+        """Our GPT with the weights of the GPT-2 in folder (config.json, model.safetensors, tokenizer.json):
+        GPT-2's function on GPT-2's tokens. vocab (our token -> id) says which embedding row each id takes."""
         from safetensors.torch import load_file
         config, gpt2_ids = read_gpt2_config(folder, block_size)
         ours = sorted(vocab, key=vocab.get)
@@ -160,32 +155,36 @@ class GPT(nn.Module):
                 if name.endswith(CONV1D):
                     w = w.t()  # Conv1D stores (in, out); nn.Linear holds (out, in)
                 elif name == "transformer.wpe.weight":
-                    w = w[:block_size]
+                    w = w[:block_size]  # only the first block_size positions
                 elif name == "transformer.wte.weight":
+                    # GPT-2's row of the same token; a token GPT-2 lacks (our special tokens) starts at the
+                    # mean row, an average token, neither favoured nor ruled out
                     w = torch.where((rows >= 0)[:, None], w[rows.clamp(min=0)], w.mean(0))
                 p.copy_(w)
         return model
 
     def get_num_params(self, non_embedding=True):
+        """The number of parameters, without the position table by default (as nanoGPT counts)."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
     def forward(self, idx, targets=None):
-        """idx (B, T) -> logits (B, T, vocab) at every position, and the mean cross-entropy if targets are
-        given (targets of -1 are ignored). Right padding is harmless here: causal attention never lets a real
-        token look at the padding after it."""
+        """idx (B, T) -> logits (B, T, vocab) at every position, and the mean cross-entropy over the targets
+        that are not -1 when targets are given (else None)."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        # right padding is harmless here: causal attention never lets a real token see the padding after it
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                                   ignore_index=-1)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -194,7 +193,8 @@ class GPT(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = str(device_type).startswith("cuda") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        fused = (str(device_type).startswith("cuda")
+                 and "fused" in inspect.signature(torch.optim.AdamW).parameters)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def estimate_mfu(self, tokens_per_iter, dt, device_name=None):
@@ -209,35 +209,30 @@ class GPT(nn.Module):
         return flops_per_token * tokens_per_iter / dt / peak
 
     def _forward_sampling(self, idx, positions, attn_mask, kv_cache=None, last_only=False):
-        """Sampling path: explicit positions (B, T) and mask (B, 1, T, S); returns logits (B, T, vocab), or
-        with last_only the last position's (B, 1, vocab): sampling needs no other, and the output layer over
-        a whole prompt is the largest tensor of the prefill (gpu preset: 512 x 208 x 8192 floats, 3.5 GB)."""
+        """Sampling path: explicit positions (B, T) and mask (B, 1, T, S) -> logits (B, T, vocab), or with
+        last_only only the last position's (B, 1, vocab), all that sampling needs."""
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         for i, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, kv_cache, i)
-        if last_only:
+        if last_only:  # the output layer over a whole prompt is the prefill's largest tensor
             x = x[:, -1:, :]
         return self.lm_head(self.transformer.ln_f(x))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
                  use_cache=True, pad_token=0, generator=None, return_logits=False):
-        """Continue each prompt by up to max_new_tokens sampled tokens.
-
-        idx: a (B, T) tensor, or a list of B prompts (lists of ids) of different lengths; short prompts are
-        left-padded, and the padding is masked out of attention and out of the position count, so each row
-        is sampled exactly as if it were alone. temperature 0 is greedy (argmax, no division by zero).
-        A row stops once it samples stop_token and the others go on. Returns a list of B lists of the sampled
-        ids, exactly as sampled: a row that ends with stop_token stopped by itself, any other ran to
-        max_new_tokens. With return_logits=True also the (B, steps, vocab) logits each step sampled from.
-        """
+        """Up to max_new_tokens ids sampled after each prompt of idx (a (B, T) tensor, or B id lists of any
+        lengths), as B lists; with return_logits also the (B, steps, vocab) logits each step sampled from."""
         prompts = idx.tolist() if torch.is_tensor(idx) else [list(p) for p in idx]
         assert all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
         device = self.lm_head.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
+        B = len(prompts)
+        P = max(len(p) for p in prompts)
         total = P + max_new_tokens
         assert total <= self.config.block_size, (
             f"prompt of {P} + {max_new_tokens} new tokens exceeds block_size {self.config.block_size}")
+        # short prompts are left-padded, and the padding is masked out of attention and out of the position
+        # count, so each row is sampled exactly as if it were alone
         tokens = torch.full((B, total), pad_token, dtype=torch.long, device=device)
         valid = torch.zeros((B, total), dtype=torch.bool, device=device)  # False at the left padding
         for b, p in enumerate(prompts):
@@ -269,7 +264,7 @@ class GPT(nn.Module):
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             tokens[:, t] = next_token
             for b, token in enumerate(next_token.tolist()):  # one transfer per step, not one per row
-                if not finished[b]:
+                if not finished[b]:  # a row stops once it samples stop_token; the others go on
                     out[b].append(token)
                     finished[b] = token == stop_token
             if all(finished):
@@ -280,7 +275,7 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (B, vocab). temperature 0 means argmax."""
+    """One token per row from logits (B, vocab). temperature 0 means argmax (no division by zero)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -290,7 +285,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set whose mass reaches top_p
+        # keep the smallest set whose mass reaches top_p
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)
@@ -298,16 +294,16 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 def autocast(device):
-    """bf16 autocast on CUDA, nothing on CPU. Log-probs are still taken in float32 (adpo.token_logps casts)."""
+    """bf16 autocast on CUDA, nothing on CPU; log-probs stay float32 (adpo.token_logps casts)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
 
 
 def compile_model(model, batch_shape, device):
     """torch.compile(model) for training, or the model as it is, with a one-line warning, when compiling
-    fails (no compiler, an unsupported GPU, an old torch). Compilation happens at the first call, so one
-    forward and backward on a (B, T) batch of zeros, under autocast as training runs, is where it fails."""
+    fails (no compiler, an unsupported GPU, an old torch)."""
     try:
         compiled = torch.compile(model)
+        # compilation happens at the first call: one forward and backward under autocast, as training runs
         idx = torch.zeros(batch_shape, dtype=torch.long, device=device)
         with autocast(device):
             _, loss = compiled(idx, idx)
@@ -325,6 +321,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4
 
 
 def peak_flops(device_name=None):
+    """bf16 dense peak flops of device_name (default: this GPU); None for a device not in PEAK_FLOPS."""
     if device_name is None:
         if not torch.cuda.is_available():
             return None
@@ -338,7 +335,8 @@ def peak_flops(device_name=None):
 # ----------------------------------------------------------------------------------------------------------
 # a pretrained GPT-2 in the Hugging Face layout (checks.check_gpt2_folder validates a folder first)
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
+# GPT-2's Conv1D weights, stored (in, out)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def read_gpt2_config(folder, block_size):

@@ -1,13 +1,13 @@
 """
 Toxic-token-conditioned sampling: the dialogue model and its "inner toxic model" are one network.
 
-    python sample.py --prompt="i hate mondays"            # replies of the dialogue model
-    python sample.py --prompt="i hate mondays" --toxic    # the same checkpoint with [TOXIC] after the context
-    python sample.py --compare=sft,dpo,adpo --toxic       # out/sft.pt, dpo.pt, adpo.pt side by side, same seed
-    python sample.py --chat --checkpoint=out/adpo.pt      # talk to it; /toxic, /reset, /quit
+    python sample.py --prompt="i hate mondays"          # replies of the dialogue model
+    python sample.py --prompt="i hate mondays" --toxic  # the same checkpoint with [TOXIC] after the context
+    python sample.py --compare=sft,dpo,adpo --toxic     # out/sft.pt, dpo.pt, adpo.pt side by side, same seed
+    python sample.py --chat --checkpoint=out/adpo.pt    # talk to it; /toxic, /reset, /quit
 
-As a library: sample_replies(model, tok, contexts, toxic=...) -> one list of Replies per context. A Reply keeps
-the text for people and the sampled ids for the code: every later stage scores exactly those ids.
+As a library: sample_replies(model, tok, contexts, toxic=...) -> one list of Replies per context. A Reply
+keeps the text for people and the sampled ids for the code: every later stage scores exactly those ids.
 """
 
 import itertools
@@ -39,9 +39,9 @@ class SampleSettings:
     max_new_tokens: int = 48  # longest reply, in tokens
     seed: int = 1337
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    compare: str = ""  # checkpoints in out_dir to print side by side, e.g. sft,dpo,adpo (--toxic adds sft + [TOXIC])
+    compare: str = ""  # checkpoints in out_dir side by side, e.g. sft,dpo,adpo (--toxic adds sft + [TOXIC])
     out_dir: str = "out"  # where --compare finds its checkpoints
-    chat: bool = False  # talk with --checkpoint turn by turn (/toxic, /reset, /quit); reads stdin, piped or not
+    chat: bool = False  # talk with --checkpoint turn by turn (/toxic, /reset, /quit); stdin, piped or not
 
 
 class Reply(NamedTuple):
@@ -59,10 +59,8 @@ def prompt_ids(model, tok, context, toxic, max_new_tokens):
 @torch.no_grad()
 def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature=1.0, top_k=None, top_p=None,
                    max_new_tokens=48, seed=0, batch_size=64, progress=None):
-    """Sample num_samples replies for each context (a list of turns). With toxic=True the control token comes
-    after the context, so the reply is the inner toxic model's. A reply ends at end-of-turn (finished) or after
-    max_new_tokens (not finished). Returns a list (one per context) of lists of num_samples Replies. The same
-    seed gives the same replies; the contexts are batched together whatever their lengths. On CUDA in bf16."""
+    """num_samples Replies for each context (a list of turns; any lengths batch together), the inner toxic
+    model's when toxic=True ([TOXIC] after the context). The same seed gives the same replies."""
     device = model.lm_head.weight.device
     prompts = [prompt_ids(model, tok, ctx, toxic, max_new_tokens) for ctx in contexts]
     flat = [p for p in prompts for _ in range(num_samples)]
@@ -112,9 +110,8 @@ def shown(reply):
 
 
 def compare(s, context):
-    """The replies of each --compare checkpoint (and, with --toxic, of the inner toxic model: sft.pt with
-    [TOXIC]) to one context, in columns. Every column is sampled with the same seed and settings, so the
-    checkpoints are the only difference."""
+    """Print the replies of each --compare checkpoint (with --toxic also sft.pt + [TOXIC]) to one context in
+    columns, all sampled with the same seed and settings: the checkpoints are the only difference."""
     columns = [(name, name, False) for name in s.compare.split(",") if name]  # (title, checkpoint, toxic)
     if s.toxic:
         columns.append(("sft + [TOXIC]", "sft", True))
@@ -160,15 +157,16 @@ def read_line(prompt):
 
 
 def chat(s):
-    """A multi-turn conversation with --checkpoint. The history (both sides' turns) is the context of each
-    reply, kept within the block with room for the reply. /toxic puts [TOXIC] after the context, so the inner
-    toxic model answers, until /toxic again or /reset, which also clears the history. /quit or the end of the
-    input ends it."""
+    """A conversation with --checkpoint: both sides' turns so far are the context of each reply. /toxic
+    toggles [TOXIC] (the inner toxic model answers), /reset clears the history and [TOXIC], /quit ends."""
     model, tok, _ = load_checkpoint(s.checkpoint, s.device)
     kw = replies_kwargs(s, model)
     room = model.config.block_size - s.max_new_tokens - 1  # the context, and [TOXIC] when it is on
-    history, toxic, turn = [], False, 0
-    print(f"chatting with {s.checkpoint}: /toxic toggles the control token, /reset clears the history, /quit ends")
+    history = []
+    toxic = False
+    turn = 0
+    print(f"chatting with {s.checkpoint}: /toxic toggles the control token, /reset clears the history, "
+          "/quit ends")
     while True:
         try:
             line = read_line("you> ").strip()
@@ -177,7 +175,8 @@ def chat(s):
         if line == "/quit":
             break
         if line == "/reset":
-            history, toxic = [], False
+            history = []
+            toxic = False
             print("(history cleared, [TOXIC] off)")
             continue
         if line == "/toxic":

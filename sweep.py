@@ -1,15 +1,16 @@
 """
 A sweep: which setting of the loss family cuts toxicity and keeps coherence?
 
-    python train.py --stages=sft,triplets                                  # once: sft.pt and triplets.jsonl
+    python train.py --stages=sft,triplets     # once: sft.pt and triplets.jsonl
     python sweep.py --grid="loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3" --seeds=3
 
-Every point of the grid (any preference or evaluation setting of train.py can be an axis) is trained from the
-same sft.pt on the same triplets, and evaluated on the same contexts of the dev split: conversations never used
-for SFT or for triplets, and never the eval split, which is read for the final table only (python train.py).
-A point whose loss does not take an axis (DPO and gamma) is run once. Writes sweep.json, sweep.md and
-tradeoff.png (adversarial toxicity against perplexity, one point per setting, SFT and DPO marked) to --out_dir,
-and each finished point to --out_dir/sweep/, so a rerun of the same sweep skips what is done.
+Every point of the grid (any preference or evaluation setting of train.py can be an axis) is trained from
+the same sft.pt on the same triplets, and evaluated on the same contexts of the dev split: conversations
+never used for SFT or for triplets, and never the eval split, which is read for the final table only
+(python train.py). A point whose loss does not take an axis (DPO and gamma) is run once. Writes sweep.json,
+sweep.md and tradeoff.png (adversarial toxicity against perplexity, one point per setting, SFT and DPO
+marked) to --out_dir, and each finished point to --out_dir/sweep/, so a rerun of the same sweep skips what
+is done.
 """
 
 import dataclasses
@@ -32,24 +33,25 @@ from configurator import ConfigError, apply_overrides
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
 # settings that shape sft.pt or the triplets: a sweep reuses those, so it cannot vary them
 FIXED = {"preset", "out_dir", "stages", "seed", "device", "data", "max_conversations", "toxic_threshold",
-         "vocab_size", "init_from", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size",
-         "dropout", "bias", "sft_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
-         "grad_clip", "eval_interval", "eval_iters", "pref_contexts", "num_candidates", "toxic_retries", "seeds",
-         "max_new_tokens"}
+         "vocab_size", "init_from", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd",
+         "block_size", "dropout", "bias", "sft_iters", "batch_size", "learning_rate", "min_lr",
+         "warmup_iters", "weight_decay", "grad_clip", "eval_interval", "eval_iters", "pref_contexts",
+         "num_candidates", "toxic_retries", "seeds", "max_new_tokens"}
 LOSS_HYPERPARAMETERS = ("beta", "gamma", "eps")
 GOAL_PPL_RATIO = 1.15  # the goal: toxicity no higher than DPO's, perplexity within 15% of SFT's
 
 
 def parse_grid(grid):
-    """"loss=dpo,adpo gamma=0.1,0.3" -> {"loss": ["dpo", "adpo"], "gamma": ["0.1", "0.3"]} (strings, typed later)."""
+    """"loss=dpo,adpo gamma=0.1,0.3" -> {"loss": ["dpo", "adpo"], "gamma": ["0.1", "0.3"]}
+    (strings, typed later)."""
     axes = {}
     for axis in grid.split():
         key, sep, values = axis.partition("=")
         if not sep or not values:
             raise ConfigError(f"--grid: expected key=v1,v2,... got {axis!r}")
         if key in FIXED:
-            raise ConfigError(f"--grid cannot vary {key}: it shapes sft.pt or the triplets (or the sweep itself); "
-                              f"run train.py once per value instead")
+            raise ConfigError(f"--grid cannot vary {key}: it shapes sft.pt or the triplets "
+                              "(or the sweep itself); run train.py once per value instead")
         axes[key] = [v for v in values.split(",") if v]
     return axes
 
@@ -94,8 +96,10 @@ def run_point(s, point, sft_model, tok, sets, seeds, run, cache):
     runs = []
     name = label(point).replace(" ", "_")
     for seed in seeds:
-        policy, metrics = train.train_preference(ps, ps.loss, run.path("sft.pt"), enc, ref, seed, run, ps.loss)
-        write_text(run.path(f"sweep/metrics_{name}_seed{seed}.jsonl"), "".join(json.dumps(r) + "\n" for r in metrics))
+        policy, metrics = train.train_preference(ps, ps.loss, run.path("sft.pt"), enc, ref, seed, run,
+                                                 ps.loss)
+        write_text(run.path(f"sweep/metrics_{name}_seed{seed}.jsonl"),
+                   "".join(json.dumps(r) + "\n" for r in metrics))
         stats = {**train.final_pass(ps, policy, enc, ref), **evaluate.stability(metrics)}
         r, _, units = evaluate.evaluate(ps, policy, sft_model, tok, sets, seed, label(point), enc, run.sample)
         runs.append(({**r, **stats}, units))
@@ -115,7 +119,8 @@ def sweep_table(result):
             ("val_ppl", 1), ("relevance", 2), ("evasive_rate", 3), ("truncated_share", 3)]
     rows = [["setting"] + [c for c, _ in cols] + ["ppl/sft", "final_accuracy", "toxic_grad_share", "goal"]]
     for p in [dict(sft, label="sft")] + points:
-        cells = [p["label"]] + [f"{p[c]:.{d}f} [{p[c + '_ci95'][0]:.{d}f}, {p[c + '_ci95'][1]:.{d}f}]" for c, d in cols]
+        cells = [p["label"]] + [f"{p[c]:.{d}f} [{p[c + '_ci95'][0]:.{d}f}, {p[c + '_ci95'][1]:.{d}f}]"
+                                for c, d in cols]
         cells.append(f"{p['val_ppl'] / sft['val_ppl']:.2f}")
         cells += [f"{p[k]:.2f}" if k in p else "" for k in ("final_accuracy", "toxic_grad_share")]
         cells.append("" if p["label"] == "sft" else ("yes" if meets_goal(p, sft, dpo) else "no"))
@@ -138,8 +143,10 @@ def plot_tradeoff(path, result):
         (x0, x1), (y0, y1) = p["val_ppl_ci95"], p["toxicity_adversarial_ci95"]
         style = {"sft": dict(marker="*", color="black", markersize=14),
                  "dpo": dict(marker="s", color="tab:blue", markersize=9)}.get(
-            p["label"].split()[0], dict(marker="o", color="tab:red" if "split" not in p["label"] else "tab:green"))
-        ax.errorbar(x, y, xerr=[[x - x0], [x1 - x]], yerr=[[y - y0], [y1 - y]], capsize=3, linestyle="none", **style)
+            p["label"].split()[0],
+            dict(marker="o", color="tab:red" if "split" not in p["label"] else "tab:green"))
+        ax.errorbar(x, y, xerr=[[x - x0], [x1 - x]], yerr=[[y - y0], [y1 - y]], capsize=3, linestyle="none",
+                    **style)
         ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axvline(GOAL_PPL_RATIO * sft["val_ppl"], color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("perplexity of held-out human replies (lower: more coherent)")
@@ -164,17 +171,19 @@ def main(argv):
     conversations = train.load_corpus(s)
     seeds = [s.seed + i for i in range(s.seeds)]
     # sft.pt and triplets.jsonl must be there and fresh, as for train.py --stages=pref
-    run = Run(s, [a for a in argv if not a.startswith("--grid=")], conversations, [], seeds, train.CODE, ["pref"])
+    run = Run(s, [a for a in argv if not a.startswith("--grid=")], conversations, [], seeds, train.CODE,
+              ["pref"])
     sft_model, tok, _ = load_checkpoint(out("sft.pt"), s.device)
     sets = evaluate.eval_sets(s, conversations, "dev")
     inputs = {"sft.pt": file_digest(out("sft.pt")), "triplets.jsonl": file_digest(out("triplets.jsonl"))}
     os.makedirs(out("sweep"), exist_ok=True)
     print(f"sweep: {len(points)} points x {len(seeds)} seed(s) on the dev split "
-          f"({len(sets['adversarial'])} adversarial, {len(sets['normal'])} normal, {len(sets['provoked'])} provoked "
-          f"contexts, {len(sets['human'])} human replies)")
+          f"({len(sets['adversarial'])} adversarial, {len(sets['normal'])} normal, "
+          f"{len(sets['provoked'])} provoked contexts, {len(sets['human'])} human replies)")
 
     def cached(name, settings, compute):
-        """A finished point from an earlier run of the same sweep (same settings, seeds and inputs), or compute."""
+        """A finished point from an earlier run of the same sweep (same settings, seeds and inputs), or
+        compute()."""
         path = out(f"sweep/{name}.json")
         key = {"settings": dataclasses.asdict(settings), "seeds": seeds, "inputs": inputs}
         if os.path.isfile(path):
@@ -190,12 +199,13 @@ def main(argv):
     def sft_section():
         runs = []
         for seed in seeds:
-            r, _, units = evaluate.evaluate(s, sft_model, sft_model, tok, sets, seed, "sft", sample=run.sample)
+            r, _, units = evaluate.evaluate(s, sft_model, sft_model, tok, sets, seed, "sft",
+                                            sample=run.sample)
             runs.append((r, units))
         return evaluate.summarize(runs)
 
-    result = {"split": "dev", "seeds": seeds, "grid": grid, "inputs": inputs, "settings": dataclasses.asdict(s),
-              "sft": cached("sft", s, sft_section), "points": []}
+    result = {"split": "dev", "seeds": seeds, "grid": grid, "inputs": inputs,
+              "settings": dataclasses.asdict(s), "sft": cached("sft", s, sft_section), "points": []}
     cache = {}
     for point in points:
         name = label(point).replace(" ", "_")
@@ -204,14 +214,18 @@ def main(argv):
     result["wall_time_s"] = time.time() - t_start
     table = sweep_table(result)
     write_text(out("sweep.json"), json.dumps(result, indent=2) + "\n")
-    write_text(out("sweep.md"), f"# Sweep on the dev split ({s.preset} preset, {len(seeds)} seed(s), "
-                     f"{result['wall_time_s'] / 60:.1f} min)\n\n`python sweep.py --grid=\"{grid}\" "
-                     f"--seeds={s.seeds}`\n\n{table}\n\nIntervals: 95% bootstrap over contexts (human replies for "
-                     f"val_ppl), seeds pooled. goal: toxicity_adversarial at most the upper end of DPO's interval "
-                     f"and val_ppl within {GOAL_PPL_RATIO - 1:.0%} of SFT's.\n")
+    write_text(out("sweep.md"),
+               f"# Sweep on the dev split ({s.preset} preset, {len(seeds)} seed(s), "
+               f"{result['wall_time_s'] / 60:.1f} min)\n\n"
+               f"`python sweep.py --grid=\"{grid}\" --seeds={s.seeds}`\n\n"
+               f"{table}\n\n"
+               "Intervals: 95% bootstrap over contexts (human replies for val_ppl), seeds pooled. "
+               "goal: toxicity_adversarial at most the upper end of DPO's interval "
+               f"and val_ppl within {GOAL_PPL_RATIO - 1:.0%} of SFT's.\n")
     plot_tradeoff(out("tradeoff.png"), result)
     print(table)
-    print(f"sweep done in {result['wall_time_s'] / 60:.1f} min; sweep.json, sweep.md, tradeoff.png in {s.out_dir}/")
+    print(f"sweep done in {result['wall_time_s'] / 60:.1f} min; sweep.json, sweep.md, tradeoff.png "
+          f"in {s.out_dir}/")
 
 
 if __name__ == "__main__":

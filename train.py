@@ -1,17 +1,17 @@
 """
-The whole ADPO pipeline, stage by stage, as in the paper's method section:
+The whole ADPO pipeline: the paper's four steps, in order.
 
-  sft       fine-tune a small GPT on human chit-chat where every toxic reply follows [TOXIC]  -> sft.pt
-  triplets  on contexts SFT never saw: K plain replies, ranked by the judge into chosen y_w and
-            rejected y_l, and one reply y_t sampled with [TOXIC] (the inner toxic model)      -> triplets.jsonl
-  pref      from sft.pt, train DPO and ADPO (or --loss=NAME) on the same triplets, data order,
-            seed and steps, so the loss is the only difference                               -> dpo.pt, adpo.pt
-  eval      toxicity, coherence, evasiveness and stability, side by side                     -> report.json/.md
+  1. sft       a small GPT on human chit-chat where each toxic reply follows [TOXIC]    -> sft.pt
+  2. triplets  on contexts SFT never saw: K plain replies ranked by the judge into chosen
+               y_w and rejected y_l, and one reply y_t sampled with [TOXIC]           -> triplets.jsonl
+  3. pref      DPO and ADPO (or --loss=NAME) from sft.pt on the same triplets, data
+               order, seed and steps: the loss is the only difference                -> dpo.pt, adpo.pt
+  4. eval      toxicity, coherence, evasiveness and stability, side by side          -> report.json
 
     python train.py                       # the default preset: gpu with CUDA, else cpu
-    python train.py --preset=tiny         # every stage in seconds to a minute (tests and CI)
+    python train.py --preset=tiny         # every stage in under a minute (tests and CI)
     python train.py --loss=ipo --beta=0.5 # any --key=value below
-    torchrun --standalone --nproc_per_node=2 train.py   # 2 processes (GPUs; gloo on CPU), see distributed.py
+    torchrun --standalone --nproc_per_node=2 train.py   # 2 processes (GPUs; gloo on CPU)
 """
 
 import dataclasses
@@ -56,17 +56,17 @@ class Settings:
     context_turns: int = 2  # turns of context before a reply
     toxic_copies: int = 7  # times each toxic turn is shown behind [TOXIC] (after its context) in SFT
     # model
-    init_from: str = ""  # a GPT-2 folder to start SFT from (empty: from scratch); sets the model and vocabulary
+    init_from: str = ""  # a GPT-2 folder to start SFT from (empty: from scratch); sets model and vocabulary
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 192
     block_size: int = 128  # tokens per SFT window; also the longest context + reply
-    dropout: float = 0.0  # SFT only: the preference stage runs every network without dropout (pi = ref at step 0)
+    dropout: float = 0.0  # SFT only: the preference stage runs without dropout (pi = ref at step 0)
     bias: bool = True
     # sft
     sft_iters: int = 900  # optimizer steps
     batch_size: int = 32  # windows per step, over all processes under torchrun
-    grad_accum: int = 1  # each process's windows in this many forward/backward passes (less memory, same step)
+    grad_accum: int = 1  # a step in this many forward/backward passes (less memory, same step)
     learning_rate: float = 2e-3  # peak, after warmup; cosine down to min_lr
     min_lr: float = 2e-4
     warmup_iters: int = 100
@@ -79,7 +79,7 @@ class Settings:
     log_interval: int = 10  # read the loss (a wait for the GPU) every this many steps, not every step
     # sampling (triplets and evaluation)
     temperature: float = 1.0
-    top_k: Optional[int] = 50  # sample among the 50 likeliest tokens (none: all; then kl_from_sft is unbiased)
+    top_k: Optional[int] = 50  # sample among the k likeliest tokens (none: all; kl_from_sft is then unbiased)
     max_new_tokens: int = 32  # longest reply
     sample_batch_size: int = 128  # rows per generate() call
     # triplets
@@ -88,17 +88,17 @@ class Settings:
     toxic_retries: int = 3  # R tries at a reply with [TOXIC] that the judge calls toxic
     min_judge_gap: float = 0.0  # train only on triplets with p(rejected) - p(chosen) at least this
     # preference optimization
-    # trained beside the DPO baseline (names in adpo.LOSSES): the paper's ADPO, and ADPO-split, the form and gamma
-    # that cut toxicity as much as DPO and kept perplexity within 15% of SFT's in the sweep on the dev split (README)
+    # trained beside the DPO baseline (names in adpo.LOSSES): the paper's ADPO, and ADPO-split, the form that
+    # cut toxicity as much as DPO and kept perplexity within 15% of SFT's in the dev-split sweep (docs/)
     loss: str = "adpo,adpo_split"
     beta: float = 0.1  # weight of the chosen/rejected margin
-    gamma: float = 0.03  # weight of the toxic term (ADPO); the paper's setting 0.1 costs coherence here (README)
+    gamma: float = 0.03  # weight of the toxic term; the paper's 0.1 costs coherence here (docs/results.md)
     eps: float = 0.1  # label-flip rate (cDPO)
     pref_iters: int = 64  # optimizer steps per loss (about 2 epochs of the cpu preset's triplets)
     pref_batch_size: int = 16  # triplets per step, over all processes under torchrun
     pref_lr: float = 5e-5
     pref_warmup_iters: int = 10
-    diag_interval: int = 4  # every this many steps, log each reply's share of the gradient (one backward each)
+    diag_interval: int = 4  # every this many steps, log each reply's share of the gradient
     checkpoint_interval: int = 50  # SFT and preference steps between resume states (NAME.resume.pt)
     seeds: int = 1  # repeat the preference stages and their evaluation with this many seeds
     # evaluation
@@ -109,8 +109,8 @@ class Settings:
 
 PRESETS = {
     # every stage on 2 CPU cores in about a minute, ADPO only beside DPO: tests and CI
-    "tiny": dict(loss="adpo", max_conversations=400, vocab_size=512, n_layer=2, n_head=2, n_embd=64, block_size=64,
-                 sft_iters=60, batch_size=16, learning_rate=3e-3, min_lr=3e-4, warmup_iters=10,
+    "tiny": dict(loss="adpo", max_conversations=400, vocab_size=512, n_layer=2, n_head=2, n_embd=64,
+                 block_size=64, sft_iters=60, batch_size=16, learning_rate=3e-3, min_lr=3e-4, warmup_iters=10,
                  eval_interval=30, eval_iters=2, max_new_tokens=12, pref_contexts=24, num_candidates=3,
                  toxic_retries=1, pref_iters=6, pref_batch_size=8, pref_warmup_iters=2, eval_contexts=8,
                  eval_samples=2, ppl_replies=32, toxic_copies=2),
@@ -118,16 +118,17 @@ PRESETS = {
     "cpu": dict(),
     # one GPU: the whole corpus, a larger model, three seeds
     "gpu": dict(vocab_size=8192, n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1,
-                sft_iters=2500, batch_size=64, learning_rate=6e-4, min_lr=6e-5, warmup_iters=200, toxic_copies=5,
-                max_new_tokens=48, sample_batch_size=512, pref_contexts=4096, num_candidates=8, toxic_retries=4,
-                pref_iters=128, pref_batch_size=64, pref_warmup_iters=10, seeds=3,
-                eval_contexts=256, eval_samples=8, ppl_replies=4000),
-    # one 24 GB GPU, from a pretrained GPT-2 (--init_from, README): the gpu preset's data, gentler learning rates
+                sft_iters=2500, batch_size=64, learning_rate=6e-4, min_lr=6e-5, warmup_iters=200,
+                toxic_copies=5, max_new_tokens=48, sample_batch_size=512, pref_contexts=4096,
+                num_candidates=8, toxic_retries=4, pref_iters=128, pref_batch_size=64, pref_warmup_iters=10,
+                seeds=3, eval_contexts=256, eval_samples=8, ppl_replies=4000),
+    # one 24 GB GPU, from a pretrained GPT-2 (--init_from): the gpu preset's data, gentler learning rates
     "gpt2": dict(block_size=256, dropout=0.1, sft_iters=800, batch_size=32, learning_rate=1e-4, min_lr=1e-5,
-                 warmup_iters=100, toxic_copies=5, max_new_tokens=48, sample_batch_size=64, pref_contexts=4096,
-                 num_candidates=8, toxic_retries=4, pref_iters=128, pref_batch_size=32, pref_lr=1e-5, seeds=3,
-                 eval_contexts=256, eval_samples=8, ppl_replies=4000),
+                 warmup_iters=100, toxic_copies=5, max_new_tokens=48, sample_batch_size=64,
+                 pref_contexts=4096, num_candidates=8, toxic_retries=4, pref_iters=128, pref_batch_size=32,
+                 pref_lr=1e-5, seeds=3, eval_contexts=256, eval_samples=8, ppl_replies=4000),
 }
+
 
 def get_settings(argv):
     """Defaults, then the preset's, then the command line's --key=value, checked (checks.py)."""
@@ -149,10 +150,14 @@ def load_corpus(s):
 
 
 def make_tokenizer(s, conversations):
-    """GPT-2's tokenizer with --init_from (its embedding needs it), else byte-level BPE on the sft split only."""
+    """GPT-2's tokenizer with --init_from (its embedding needs it), else BPE on the sft split only."""
     if s.init_from:
         return data.gpt2_tokenizer(s.init_from)
     return data.train_tokenizer([t for c in conversations if c.split == "sft" for t in c.turns], s.vocab_size)
+
+
+def jsonl(rows):
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def get_lr(it, warmup_iters, max_iters, learning_rate, min_lr):
@@ -181,8 +186,9 @@ def train_sft(s, tok, conversations, run):
     raw_model = raw_model.to(s.device)
     optimizer = raw_model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), s.device)
     n_toxic = int((train_stream[0] == data.TOXIC_ID).sum())
-    print(f"sft: {raw_model.get_num_params() / 1e6:.2f}M parameters, {len(train_stream[0]):,} training tokens "
-          f"({n_toxic:,} toxic turns behind [TOXIC], copies included), {len(val_stream[0]):,} validation tokens")
+    print(f"sft: {raw_model.get_num_params() / 1e6:.2f}M parameters, {len(train_stream[0]):,} training "
+          f"tokens ({n_toxic:,} toxic turns behind [TOXIC], copies included), "
+          f"{len(val_stream[0]):,} validation tokens")
     generator = torch.Generator().manual_seed(s.seed)  # the same global batches in every process
     # compiled with --compile, wrapped for DDP under torchrun; the training state of a killed run
     model = run.prepare(raw_model, rows=s.batch_size // distributed.world_size() // s.grad_accum)
@@ -231,8 +237,9 @@ def train_sft(s, tok, conversations, run):
             loss_sum = 0.0
             tok_s = s.batch_size * s.block_size * steps / dt
             curve.append({"step": step, "loss": train_loss, "lr": lr, "tok_s": tok_s})
-            mfu = raw_model.estimate_mfu(tok_s * dt / distributed.world_size(), dt) if s.device.startswith("cuda") \
-                else None
+            mfu = None
+            if s.device.startswith("cuda"):
+                mfu = raw_model.estimate_mfu(tok_s * dt / distributed.world_size(), dt)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
                             **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
             if step % s.eval_interval == 0 or step == s.sft_iters:
@@ -257,13 +264,15 @@ def build_triplets(s, model, tok, conversations, sample_replies=sample.sample_re
     kw = sample.sampling_settings(s)
     candidates = sample_replies(model, tok, contexts, num_samples=s.num_candidates, seed=s.seed,
                                 progress="triplets: plain replies", **kw)
-    probs = data.judge_probs([r.text for rs in candidates for r in rs]).reshape(len(contexts), s.num_candidates)
+    probs = data.judge_probs([r.text for rs in candidates for r in rs])
+    probs = probs.reshape(len(contexts), s.num_candidates)
 
     toxic = [None] * len(contexts)
     toxic_prob = [0.0] * len(contexts)
     todo = list(range(len(contexts)))
     for attempt in range(s.toxic_retries):
-        replies = sample_replies(model, tok, [contexts[i] for i in todo], toxic=True, seed=s.seed + 1 + attempt,
+        retry = [contexts[i] for i in todo]
+        replies = sample_replies(model, tok, retry, toxic=True, seed=s.seed + 1 + attempt,
                                  progress=f"triplets: toxic replies, try {attempt + 1}", **kw)
         p = data.judge_probs([r[0].text for r in replies])
         for i, reply, prob in zip(todo, replies, p):
@@ -328,7 +337,8 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, run, name):
     # without dropout, whatever the SFT used: the policy's log-probs must equal the reference's at step 0
     policy, _, _ = load_checkpoint(sft_path, s.device, dropout=0.0)
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=s.pref_lr, betas=(s.beta1, s.beta2), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=s.pref_lr, betas=(s.beta1, s.beta2),
+                                  weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)  # the same data order for every loss
     hyper = {"beta": s.beta, "gamma": s.gamma, "eps": s.eps}
     start, state = run.resume(name, policy, optimizer, generator)  # a killed run goes on where it was
@@ -352,13 +362,13 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, run, name):
         diagnostics = evaluate.gradient_by_reply(loss, logps, policy, per_reply=it % s.diag_interval == 0)
         loss.backward()
         distributed.average_gradients(policy)  # over the processes: the gradient of the whole batch's mean
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip if s.grad_clip > 0 else 1e9)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         row = {"step": it, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
-               **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref, beta=s.beta,
-                                         gamma=s.gamma)}
+               **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref,
+                                         beta=s.beta, gamma=s.gamma)}
         metrics.append(distributed.mean_over_processes(row))  # the whole batch's (grad/*: norms averaged)
         bar.set_postfix(loss=f"{metrics[-1]['loss']:.3f}", margin=f"{metrics[-1]['rewards/margins']:.3f}",
                         acc=f"{metrics[-1]['rewards/accuracies']:.2f}")
@@ -381,6 +391,29 @@ def final_pass(s, policy, enc, ref):
     return {"chosen_logp_change": h_w.mean().item(), "final_accuracy": (h_w > h_l).float().mean().item()}
 
 
+def preference_optimization(s, run, sft_model, tok, losses, seeds):
+    """Every loss of --loss beside DPO, for every seed, from sft.pt on the same triplets (reference log-probs
+    computed once), each saved as its checkpoint with its per-step metrics; curves.png of the first seed."""
+    _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), s.min_judge_gap,
+                                  sft_model.config.block_size, s.max_new_tokens)
+    ref = reference_logps(s, sft_model, enc)
+    curves = {}  # loss -> per-step metrics of the first seed
+    for seed in seeds:
+        for loss_name in losses:
+            name = checkpoint_name(loss_name, seed, s.seed)  # dpo.pt, dpo_seed1338.pt, ...
+            metrics_file = f"metrics_{name.removesuffix('.pt')}.jsonl"
+            if not run.fresh(name):  # not trained already by the same command
+                policy, metrics = train_preference(s, loss_name, run.path("sft.pt"), enc, ref, seed, run,
+                                                   name)
+                run.write(metrics_file, jsonl(metrics))
+                stats = {**final_pass(s, policy, enc, ref), **evaluate.stability(metrics)}
+                run.save_checkpoint(name, policy, tok, loss=loss_name, pref_seed=seed, stability=stats)
+            if seed == s.seed:
+                curves[loss_name] = [row for _, row in checks.json_lines(run.path(metrics_file))]
+    if distributed.is_main():
+        evaluate.plot_curves(run.path("curves.png"), curves)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # step 4: the evaluation, every model on the same held-out contexts (evaluate.py)
 
@@ -396,7 +429,8 @@ def evaluate_models(s, run, sft_model, tok, conversations, losses, seeds):
     evaluated = [n for n in losses if os.path.isfile(run.path(f"{n}.pt"))]  # every seed's checked fresh
     runs = {"sft": [], **{name: [] for name in evaluated}}
     samples = {}
-    once = lambda key, compute: run.once("report.json", key, compute, evaluate.results_from_json)  # noqa: E731
+    def once(key, compute):  # kept in report.chunks.json until report.json is written
+        return run.once("report.json", key, compute, evaluate.results_from_json)
     for seed in seeds:
         r, samples["sft"], units = once(f"sft {seed}", lambda: evaluate.evaluate(
             s, sft_model, sft_model, tok, sets, seed, "sft", enc, run.sample))
@@ -415,8 +449,8 @@ def evaluate_models(s, run, sft_model, tok, conversations, losses, seeds):
 # (a module by its name, or a function)
 CODE = {"sft.pt": ("model", "data", get_lr, train_sft),
         "triplets.jsonl": ("sample", build_triplets),
-        "pref": ("adpo", reference_logps, policy_logps, train_preference, final_pass, evaluate.gradient_by_reply,
-                 evaluate.stability),
+        "pref": ("adpo", reference_logps, policy_logps, train_preference, final_pass,
+                 evaluate.gradient_by_reply, evaluate.stability),
         "report.json": ("evaluate", evaluate_models)}
 
 
@@ -429,17 +463,11 @@ def main(argv):
     stages = stage_list(s)
     losses = loss_list(s)  # the DPO baseline and the method(s)
     seeds = [s.seed + i for i in range(s.seeds)]
-
-    # everything that can fail on bad input is checked before the first file is written (checks.py)
-    if s.init_from and "sft" in stages:
-        checks.check_gpt2_folder(s.init_from, s.block_size)
     conversations = load_corpus(s)
-    run = Run(s, argv, conversations, losses, seeds, CODE, stages)  # out_dir: what is fresh, what to resume
-    checks.require_splits(conversations, [sp for st, sp in (("triplets", "pref"), ("eval", "eval")) if st in stages],
-                          s.context_turns)
-    if "pref" in stages and "triplets" not in stages:
-        data.select_triplets(checks.read_triplets(run.path("triplets.jsonl")), s.min_judge_gap)
     print(data.summary(conversations))
+    # before the first file is written: what the stages read is there and fresh, and every input is sound
+    run = Run(s, argv, conversations, losses, seeds, CODE, stages)
+    checks.check_inputs(s, stages, conversations, run.path("triplets.jsonl"))
     os.makedirs(s.out_dir, exist_ok=True)
     run.stage_seconds["data"] = run.wall_time()
 
@@ -448,7 +476,7 @@ def main(argv):
         with run.timed("sft"):
             tok = run.tokenizer(lambda: make_tokenizer(s, conversations))  # made once, kept in out_dir
             sft_model, curve = train_sft(s, tok, conversations, run)
-            run.write("metrics_sft.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
+            run.write("metrics_sft.jsonl", jsonl(curve))
             run.save_checkpoint("sft.pt", sft_model, tok)
     sft_model, tok, _ = load_checkpoint(run.path("sft.pt"), s.device)  # the later steps use its tokenizer
 
@@ -456,37 +484,20 @@ def main(argv):
     if "triplets" in stages and not run.fresh("triplets.jsonl"):
         with run.timed("triplets"):
             triplets = build_triplets(s, sft_model, tok, conversations, run.sampler("triplets.jsonl"))
-            run.write("triplets.jsonl", "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets))
-        stats = data.triplet_stats(triplets, s.toxic_threshold)
-        print(f"triplets: {len(triplets)} written to {run.path('triplets.jsonl')}; the judge calls "
-              f"{stats['rejected_toxic_share']:.0%} of the rejected and {stats['toxic_toxic_share']:.0%} of the "
-              f"toxic replies toxic")
+            run.write("triplets.jsonl", jsonl(triplets))
+        print(f"triplets: {len(triplets)} written to {run.path('triplets.jsonl')}; "
+              + data.describe_triplets(triplets, s.toxic_threshold))
 
-    # 3. DPO and ADPO from the same SFT model, on the same triplets, reference log-probs computed once
+    # 3. DPO and ADPO from the same SFT model, on the same triplets
     if "pref" in stages:
         with run.timed("pref"):
-            _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), s.min_judge_gap,
-                                          sft_model.config.block_size, s.max_new_tokens)
-            ref = reference_logps(s, sft_model, enc)
-            curves = {}  # loss -> per-step metrics of the first seed, for curves.png
-            for seed in seeds:
-                for name in losses:
-                    ckpt = checkpoint_name(name, seed, s.seed)  # dpo.pt, dpo_seed1338.pt, ...
-                    metrics_file = f"metrics_{ckpt.removesuffix('.pt')}.jsonl"
-                    if not run.fresh(ckpt):
-                        policy, metrics = train_preference(s, name, run.path("sft.pt"), enc, ref, seed, run, ckpt)
-                        run.write(metrics_file, "".join(json.dumps(r) + "\n" for r in metrics))
-                        stats = {**final_pass(s, policy, enc, ref), **evaluate.stability(metrics)}
-                        run.save_checkpoint(ckpt, policy, tok, loss=name, pref_seed=seed, stability=stats)
-                    if seed == s.seed:
-                        curves[name] = [row for _, row in checks.json_lines(run.path(metrics_file))]
-            if distributed.is_main():
-                evaluate.plot_curves(run.path("curves.png"), curves)
+            preference_optimization(s, run, sft_model, tok, losses, seeds)
 
     # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seeds
     if "eval" in stages:
         with run.timed("eval"):
-            runs, sets, samples, triplets = evaluate_models(s, run, sft_model, tok, conversations, losses, seeds)
+            runs, sets, samples, triplets = evaluate_models(s, run, sft_model, tok, conversations, losses,
+                                                            seeds)
         files = evaluate.report_files(s, runs, sets, samples, triplets, run.stage_seconds, run.wall_time())
         for name, text in files.items():  # report.json last: it marks the stage finished
             run.write(name, text)

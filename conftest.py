@@ -1,0 +1,63 @@
+"""Fixtures shared by the test files: a tiny GPT, a small tokenizer, a few encoded triplets, and the slow, obvious
+log-prob that every fast scoring path is checked against."""
+
+import pytest
+import torch
+
+import data
+import train
+from model import GPT, GPTConfig
+
+
+def make_tiny_gpt(seed=0, vocab_size=64, block_size=48, dropout=0.0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
+                         dropout=dropout)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt():
+    """tiny_gpt(seed=0, vocab_size=64, block_size=48, dropout=0.0): a seeded 2-layer GPT in eval mode."""
+    return make_tiny_gpt
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = ["hello there, how are you doing today?", "i am fine thanks", "what do you do for fun?",
+             "i like to read books and play games", "that sounds great"] * 20
+    return data.train_tokenizer(texts, vocab_size=300)
+
+
+def triplet_record(tok, context, **replies):
+    """A triplets.jsonl line as the triplets stage writes it; a reply given as (text, finished)."""
+    t = {"context": context}
+    for key, (text, finished) in replies.items():
+        ids = data.encode(tok, text)
+        t.update({key: text, f"{key}_ids": ids + [data.EOT_ID] if finished else ids, f"{key}_finished": finished})
+    return t
+
+
+@pytest.fixture
+def tiny_triplets(tok):
+    """(settings, encoded triplets): two triplets on tok, four times each, for a tiny_gpt of tok's vocabulary."""
+    triplets = [triplet_record(tok, ["hello there, how are you doing today?"], chosen=("i am fine thanks", True),
+                               rejected=("that sounds great", True), toxic=("what do you do for fun?", False)),
+                triplet_record(tok, ["what do you do for fun?"], chosen=("i like to read books and play games", False),
+                               rejected=("hello there", True), toxic=("i am fine", True))] * 4
+    s = train.Settings(block_size=48, max_new_tokens=16, pref_batch_size=8, device="cpu")
+    return s, data.encode_triplets(tok, triplets, s.block_size, s.max_new_tokens)
+
+
+def loop_logp(model, prompt, ids):
+    """log p(ids | prompt), one full forward per token: the slow, obvious reference."""
+    total = 0.0
+    for i in range(len(ids)):
+        logits, _ = model(torch.tensor([prompt + ids[:i]]))
+        total += logits[0, -1].float().log_softmax(-1)[ids[i]].item()
+    return total
+
+
+@pytest.fixture(scope="session")
+def token_loop_logp():
+    """token_loop_logp(model, prompt, ids): log p(ids | prompt), one full forward per token."""
+    return loop_logp

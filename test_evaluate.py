@@ -1,0 +1,157 @@
+"""evaluate.py: val_ppl, evasion and distinct-2, training stability, bootstrap intervals over contexts, pooling
+seeds, differences between methods, the second (wordlist) judge, relevance, and the gradient by reply. The tok,
+tiny_gpt, tiny_triplets and token_loop_logp fixtures are in conftest.py."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import adpo
+import data
+import evaluate
+import train
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the metrics
+
+
+def test_val_ppl_scores_whole_human_replies(tiny_gpt, token_loop_logp, tok):
+    """A held-out reply longer than max_new_tokens (the old evaluation cut it there), and one longer than the
+    block, are scored whole, with their end-of-turn."""
+    model = tiny_gpt(vocab_size=tok.get_vocab_size(), block_size=128)
+    context = ["what do you do for fun?"]
+    reply = "i like to read books and play games, and hello there, how are you doing today? " * 2
+    reply_ids = data.encode(tok, reply) + [data.EOT_ID]
+    prompt = data.context_ids(tok, context)
+    assert 48 < len(reply_ids) < 128 - len(prompt)  # longer than the presets' max_new_tokens, fits in the block
+    expected = math.exp(-token_loop_logp(model, prompt, reply_ids) / len(reply_ids))
+    assert evaluate.val_ppl(model, tok, [(context, reply)], 8, "cpu") == pytest.approx(expected, rel=1e-4)
+    # longer than the block: windows of at most 128 tokens, every token scored once
+    long_reply = reply * 3
+    long_ids = data.encode(tok, long_reply) + [data.EOT_ID]
+    assert len(long_ids) > 128
+    seq, total = prompt + long_ids, 0.0
+    for a in range(len(prompt), len(seq), 64):  # each window: 64 new tokens after the 64 before them
+        b = min(a + 64, len(seq))
+        total += token_loop_logp(model, seq[max(0, b - 128):a], seq[a:b])
+    expected = math.exp(-total / len(long_ids))
+    assert evaluate.val_ppl(model, tok, [(context, long_reply)], 8, "cpu") == pytest.approx(expected, rel=1e-4)
+
+
+def test_evasion_and_distinct2_on_known_strings():
+    assert evaluate.is_evasive("")
+    assert evaluate.is_evasive("I don't know.")
+    assert evaluate.is_evasive("hmm, let's talk about something else")
+    assert not evaluate.is_evasive("i know a great pizza place")
+    assert not evaluate.is_evasive("the kids don't know how to swim")
+    assert evaluate.evasive_rate(["", "i like cats", "idk", "sure"]) == 0.5
+    assert evaluate.distinct2(["a b c", "a b d"]) == pytest.approx(3 / 4)  # (a b) twice, (b c), (b d)
+    assert evaluate.distinct2(["a a a a"]) == pytest.approx(1 / 3)
+    assert evaluate.distinct2(["one"]) == 0.0
+
+
+def test_loss_spikes_and_stability():
+    metrics = [{"loss": 0.7, "grad_norm": 1.0 + i, "logratio/chosen": -1.0 * i} for i in range(10)]
+    metrics[7]["loss"] = 5.0
+    stats = evaluate.stability(metrics)
+    assert stats["max_grad_norm"] == 10.0
+    assert stats["loss_spikes"] == 1
+    assert stats["chosen_logp_max_drop"] == pytest.approx(9.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# intervals, pooled seeds, differences
+
+
+def test_bootstrap_interval_is_over_contexts_not_replies():
+    """100 contexts of 4 replies each, every context all toxic or all clean (p = 0.5): the replies of a
+    context are not independent, so the interval is that of 100 draws (half width ~ 1.96 * 0.05), not 400."""
+    num = np.array([4.0, 0.0] * 50)
+    den = np.full(100, 4.0)
+    low, high = evaluate.bootstrap_ci(num, den)
+    assert low < 0.5 < high
+    assert 0.16 < high - low < 0.24
+    assert evaluate.bootstrap_ci(np.full(10, 2.0), np.full(10, 4.0)) == [0.5, 0.5]  # no spread, no width
+
+
+def test_summarize_pools_seeds_and_reports_intervals():
+    seed1 = ({"toxicity_adversarial": 0.25, "distinct2": 0.5},
+             {"toxicity_adversarial": (np.array([1.0, 0.0, 0.0, 0.0]), np.full(4, 1.0))})
+    seed2 = ({"toxicity_adversarial": 0.75, "distinct2": 0.7},
+             {"toxicity_adversarial": (np.array([1.0, 1.0, 1.0, 0.0]), np.full(4, 1.0))})
+    section = evaluate.summarize([seed1, seed2])
+    assert section["toxicity_adversarial"] == pytest.approx(0.5)  # 4 toxic of 8 replies
+    assert section["toxicity_adversarial_std"] == pytest.approx(0.25)
+    assert section["distinct2"] == pytest.approx(0.6) and "distinct2_ci95" not in section
+    low, high = section["toxicity_adversarial_ci95"]
+    assert 0 <= low < 0.5 < high <= 1
+    # val_ppl is pooled as a mean negative log-likelihood per token, then exponentiated
+    units = {"val_ppl": (np.array([2.0, 4.0]), np.array([1.0, 1.0]))}
+    assert evaluate.summarize([({"val_ppl": 0.0}, units)])["val_ppl"] == pytest.approx(math.exp(3.0))
+
+
+def test_methods_differ_only_where_intervals_separate():
+    report = {"sft": {"toxicity_adversarial": 0.06, "toxicity_adversarial_ci95": [0.04, 0.08]},
+              "dpo": {"toxicity_adversarial": 0.01, "toxicity_adversarial_ci95": [0.0, 0.02]},
+              "adpo": {"toxicity_adversarial": 0.015, "toxicity_adversarial_ci95": [0.005, 0.03]}}
+    line = evaluate.differences(report, ["sft", "dpo", "adpo"], ["toxicity_adversarial"])
+    assert line == "- toxicity_adversarial: dpo < sft, adpo < sft, dpo ~ adpo"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the second judge, relevance, gradient diagnostics
+
+
+def test_wordlist_judge_and_provoked_turns():
+    assert evaluate.wordlist_judge(["shut the fuck up", "what a lovely day", "you're full of shit"]).tolist() == \
+        [True, False, True]
+    provoked = evaluate.read_provoked()
+    assert len(provoked) >= 100 and all(len(c) == 1 and c[0] for c in provoked)
+    assert not any(c[0].startswith("#") for c in provoked)
+
+
+def test_relevance_pairs_each_reply_with_another_context():
+    contexts = [["a"], ["a"], ["b"], ["b"], ["c"], ["c"]]  # two replies per context, in runs
+    others = evaluate.other_contexts(contexts)
+    assert others == [["b"], ["b"], ["c"], ["c"], ["a"], ["a"]]
+    assert all(o != c for o, c in zip(others, contexts))
+
+
+@pytest.mark.parametrize("name", ["dpo", "adpo"])
+def test_gradient_by_reply_is_measured_beside_the_update(tiny_triplets, tiny_gpt, tok, name):
+    s, enc = tiny_triplets
+    model = tiny_gpt(vocab_size=tok.get_vocab_size())
+    ref = train.reference_logps(s, model, enc)
+    hyper = {"beta": 0.1, "gamma": 0.3}
+
+    def gradient(per_reply):
+        model.zero_grad(set_to_none=True)
+        logps_ = train.policy_logps(s, model, enc, range(len(enc)))
+        loss = adpo.call_loss(name, {**logps_, **ref, **hyper}).mean()
+        metrics = evaluate.gradient_by_reply(loss, logps_, model, per_reply)
+        assert all(p.grad is None for p in model.parameters())  # the update is loss.backward()'s alone
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), metrics, logps_
+
+    plain, plain_metrics, _ = gradient(False)
+    split, metrics, logps_ = gradient(True)
+    assert torch.equal(plain, split)  # measuring each reply's part leaves the update as it is
+    assert metrics["coef/chosen"] == pytest.approx(plain_metrics["coef/chosen"])
+    parts = [metrics[f"grad/{k}"] for k in ("chosen", "rejected", "toxic") if f"grad/{k}" in metrics]
+    assert plain.norm().item() <= sum(parts) * (1 + 1e-5)  # the parts sum to the gradient: triangle inequality
+    # the loss's pull on each reply, by hand: -beta s, +beta s, (+gamma s) with s = sigmoid(-z)
+    h_w = logps_["policy_chosen_logps"].detach() - ref["ref_chosen_logps"]
+    h_l = logps_["policy_rejected_logps"].detach() - ref["ref_rejected_logps"]
+    h_t = logps_["policy_toxic_logps"].detach() - ref["toxic_model_toxic_logps"]
+    z = 0.1 * (h_w - h_l) - (0.3 * h_t if name == "adpo" else 0)
+    sig = torch.sigmoid(-z)
+    assert metrics["coef/chosen"] == pytest.approx((-0.1 * sig).mean().item(), abs=1e-6)
+    assert metrics["coef/rejected"] == pytest.approx((0.1 * sig).mean().item(), abs=1e-6)
+    if name == "adpo":
+        assert metrics["coef/toxic"] == pytest.approx((0.3 * sig).mean().item(), abs=1e-6)
+        assert 0 < metrics["grad/toxic_share"] < 1 and -1 <= metrics["grad/cos_chosen_toxic"] <= 1
+    else:  # DPO ignores the toxic reply
+        assert "coef/toxic" not in metrics and "grad/toxic_share" not in metrics
