@@ -117,7 +117,7 @@ def check_inputs(out_dir, fp, stages, argv):
     check_out_dir(out_dir)
     reads = set()
     if any(x in stages for x in ("triplets", "pref", "eval")):
-        reads |= {"sft.pt", "tokenizer.json"}
+        reads.add("sft.pt")  # it carries its tokenizer: tokenizer.json is only the sft step's cache
     if "pref" in stages:
         reads.add("triplets.jsonl")
     optional = set()

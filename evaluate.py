@@ -240,26 +240,30 @@ def evaluate_sft_control(s, model, tok, sets, seed, sample=sample_replies):
     return r, examples
 
 
-def gradient_by_reply(loss, logps, policy, per_reply):
-    """Where the gradient of the batch's loss comes from, measured beside the update (p.grad untouched):
-    coef/k per reply k, and with per_reply each reply's part g_k of grad L (one backward each)."""
+def gradient_by_reply(loss_of, logps, policy, per_reply):
+    """Where the gradient of the batch's loss loss_of(logps) comes from, measured beside the update (p.grad is
+    read, never changed): coef/k per reply k; with per_reply, after loss.backward(retain_graph=True), each
+    reply's part g_k of grad L, its norm grad/k, grad/toxic_share and grad/cos_chosen_toxic."""
     names = [k for k in ("chosen", "rejected", "toxic") if logps[f"policy_{k}_logps"].requires_grad]
-    tensors = [logps[f"policy_{k}_logps"] for k in names]
-    coefs = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    leaves = {k: v.detach().requires_grad_(k in [f"policy_{n}_logps" for n in names]) for k, v in logps.items()}
+    coefs = torch.autograd.grad(loss_of(leaves), [leaves[f"policy_{k}_logps"] for k in names], allow_unused=True)
     # no coefficient for a reply the loss ignores (DPO: the toxic one)
-    used = [(k, t, c) for k, t, c in zip(names, tensors, coefs) if c is not None]
+    used = [(k, logps[f"policy_{k}_logps"], c) for k, c in zip(names, coefs) if c is not None]
     # coef/k = sum_i dL/d log pi(y_k,i|x_i): < 0 where the loss pushes reply k up
     metrics = {f"coef/{k}": c.sum().item() for k, _, c in used}
     if not per_reply:
         return metrics
     params = [p for p in policy.parameters() if p.requires_grad]
-    # L depends on the weights only through the log-probs: grad L = sum_k g_k,
-    # g_k = sum_i dL/d log pi(y_k,i|x_i) grad log pi(y_k,i|x_i)
+
+    def flat(grads):
+        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+    # L depends on the weights only through the log-probs: grad L = sum_k g_k with
+    # g_k = sum_i dL/d log pi(y_k,i|x_i) grad log pi(y_k,i|x_i); the last part is what the others leave of p.grad
     parts = {}
-    for k, t, c in used:
-        grads = torch.autograd.grad((c.detach() * t).sum(), params, retain_graph=True, allow_unused=True)
-        parts[k] = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
-                              for g, p in zip(grads, params)])
+    for i, (k, t, c) in enumerate(used[:-1]):
+        last = i == len(used) - 2  # then the kept graph is freed
+        parts[k] = flat(torch.autograd.grad((c * t).sum(), params, retain_graph=not last, allow_unused=True))
+    parts[used[-1][0]] = flat([p.grad for p in params]) - sum(parts.values())
     norms = {k: g.float().norm().item() for k, g in parts.items()}
     metrics.update({f"grad/{k}": v for k, v in norms.items()})
     if "toxic" in parts:  # |g_t| / sum_k |g_k|

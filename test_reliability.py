@@ -373,3 +373,40 @@ def test_bad_inputs_stop_with_one_line_and_change_nothing(finished, tmp_path, mo
                              f"--out_dir={folder}/run"], capture_output=True, text=True, cwd=HERE)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "error: --learning_rate must be positive, got -1.0"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a checkpoint carries its tokenizer
+
+
+def sample_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--prompt=i hate mondays",
+                           "--num_samples=3", "--max_new_tokens=8", *args], capture_output=True, text=True, cwd=HERE)
+
+
+def test_a_copied_checkpoint_decodes_with_its_own_tokenizer(other_data, tmp_path):
+    """The new user's case: sft.pt copied away (alone), out_dir retrained on other data with the same
+    vocabulary size; the copy must still decode with the tokenizer it was trained with."""
+    out_dir = str(tmp_path / "out")
+    run_train(out_dir, "--stages=sft", "--sft_iters=2")  # trained here: its settings name this out_dir
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    shutil.copy(os.path.join(out_dir, "sft.pt"), saved / "sft.pt")  # no tokenizer.json beside it
+    before = sample_cli(f"--checkpoint={out_dir}/sft.pt")
+    tokenizer = snapshot(out_dir)["tokenizer.json"]
+    run_train(out_dir, f"--data={other_data}", "--stages=sft", "--sft_iters=2")
+    assert snapshot(out_dir)["tokenizer.json"] != tokenizer  # out_dir's tokenizer is another one now
+    after = sample_cli(f"--checkpoint={saved}/sft.pt")
+    assert before.returncode == after.returncode == 0, after.stderr
+    assert after.stdout == before.stdout and after.stdout.count("  > ") == 3
+
+
+def test_a_checkpoint_from_before_the_tokenizer_moved_inside_is_one_line(finished, tmp_path):
+    ckpt = torch.load(os.path.join(finished, "sft.pt"), weights_only=True)
+    del ckpt["tokenizer_json"]
+    ckpt["tokenizer"] = os.path.join(finished, "tokenizer.json")  # the old format: a path
+    path = str(tmp_path / "old.pt")
+    torch.save(ckpt, path)
+    result = sample_cli(f"--checkpoint={path}")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {path}: written before checkpoints carried their tokenizer; rebuild")

@@ -359,8 +359,10 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, run, name):
             logps = policy_logps(s, policy, enc, idx)
         batch_ref = {k: v[idx].to(s.device) for k, v in ref.items()}
         loss = adpo.call_loss(loss_name, {**logps, **batch_ref, **hyper}).mean()
-        diagnostics = evaluate.gradient_by_reply(loss, logps, policy, per_reply=it % s.diag_interval == 0)
-        loss.backward()
+        diagnose = it % s.diag_interval == 0  # every few steps, also: which reply the gradient comes from
+        loss.backward(retain_graph=diagnose)  # the graph is kept for that measurement only
+        diagnostics = evaluate.gradient_by_reply(
+            lambda lp: adpo.call_loss(loss_name, {**lp, **batch_ref, **hyper}).mean(), logps, policy, diagnose)
         distributed.average_gradients(policy)  # over the processes: the gradient of the whole batch's mean
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip or float("inf"))
         optimizer.step()
@@ -449,7 +451,7 @@ def evaluate_models(s, run, sft_model, tok, conversations, losses, seeds):
 # (a module by its name, or a function)
 CODE = {"sft.pt": ("model", "data", get_lr, train_sft),
         "triplets.jsonl": ("sample", build_triplets),
-        "pref": ("adpo", reference_logps, policy_logps, train_preference, final_pass,
+        "pref": ("adpo", reference_logps, policy_logps, train_preference, final_pass, preference_optimization,
                  evaluate.gradient_by_reply, evaluate.stability),
         "report.json": ("evaluate", evaluate_models)}
 
