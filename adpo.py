@@ -81,7 +81,10 @@ def adpo_split_loss(policy_chosen_logps, policy_rejected_logps, policy_toxic_log
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
-    """IPO:  L = ( (h_w - h_l) - 1/(2 beta) )^2"""
+    """IPO:  L = ( (h_w - h_l) - 1/(2 beta) )^2
+
+    h sums the reply's token log-probs, as everywhere here, so the target 1/(2 beta) is for the whole reply;
+    TRL's "ipo" averages them per token, so there the same beta sets a target per token."""
     h_w = policy_chosen_logps - ref_chosen_logps
     h_l = policy_rejected_logps - ref_rejected_logps
     return ((h_w - h_l) - 1 / (2 * beta)) ** 2

@@ -17,21 +17,26 @@ or handed a file from someone else; none of these may give a wrong result.
 - torchrun: only rank 0 writes; sampling splits the rows over the processes and gathers the replies.
 """
 
+import ast
+import fcntl
 import hashlib
 import importlib
 import inspect
 import json
 import os
 import random
+import textwrap
 import time
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+import adpo
 import data
 import distributed
 import sample
+import checks
 from checks import STAGES, RunError, check_finite, check_out_dir, checkpoint_dict, read_checkpoint
 from model import compile_model
 
@@ -46,8 +51,9 @@ DEPENDS_ON = {
                        "sample_batch_size", "pref_contexts", "num_candidates", "toxic_retries"),
     "pref": ("min_judge_gap", "max_new_tokens", "beta", "gamma", "eps", "pref_iters", "pref_batch_size",
              "pref_lr", "pref_warmup_iters", "beta1", "beta2", "grad_clip", "diag_interval"),  # + loss, seed
-    "report.json": ("seed", "context_turns", "toxic_threshold", "temperature", "top_k", "max_new_tokens",
-                    "sample_batch_size", "min_judge_gap", "eval_contexts", "eval_samples", "ppl_replies"),
+    "eval": ("seed", "context_turns", "toxic_threshold", "temperature", "top_k", "max_new_tokens",
+             "sample_batch_size", "min_judge_gap", "eval_contexts", "eval_samples", "ppl_replies"),
+    "report.json": ("toxic_threshold",),  # and every model's evaluation
 }
 # settings that change no artifact: where and how a run goes, not what it computes (the corpus settings and
 # --loss/--seeds enter through the corpus' content and each checkpoint's own loss and seed)
@@ -65,22 +71,72 @@ def checkpoint_name(loss, seed, first_seed):
     return f"{loss}.pt" if seed == first_seed else f"{loss}_seed{seed}.pt"
 
 
-def fingerprints(s, conversations, losses, seeds, code):
-    """{file name: fingerprint} of every artifact this command would write, before any is written. code: the
-    modules (by name) and functions that compute each artifact (train.CODE), hashed by their source."""
+def code_of(obj, seen=None):
+    """What an edit of obj can change, as text: a module (by name) or a function without its comments and
+    docstrings, and for a function every function and plain constant of its module it uses, recursively.
+    A reworded comment changes nothing; an edited loss changes its own checkpoints only."""
+    if isinstance(obj, str) and obj.endswith(".txt"):  # a data file the code reads
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), obj), encoding="utf-8") as f:
+            return [f.read()]
+    if isinstance(obj, str):
+        obj = importlib.import_module(obj)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    for node in ast.walk(tree):  # docstrings out; comments are not in the tree
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    parts = [ast.dump(tree)]
+    if inspect.ismodule(obj):
+        return parts
+    seen = {obj} if seen is None else seen
+    code_objects = [obj.__code__]
+    names = []
+    while code_objects:  # the function's own names and those of the functions and lambdas inside it
+        c = code_objects.pop()
+        names += c.co_names
+        code_objects += [k for k in c.co_consts if inspect.iscode(k)]
+    for name in dict.fromkeys(names):
+        value = obj.__globals__.get(name)
+        if inspect.isfunction(value) and value.__module__ == obj.__module__ and value not in seen:
+            seen.add(value)
+            parts += code_of(value, seen)
+        elif not callable(value) and not inspect.ismodule(value) and name in obj.__globals__:
+            try:
+                parts.append(json.dumps([name, value], sort_keys=True))  # a plain constant (EVASIONS, ...)
+            except TypeError:
+                pass  # not a plain value (a registry of functions: their own code is what counts)
+    return parts
+
+
+def eval_name(model, seed, first_seed):
+    """The evaluation of one model and seed: eval_sft.json, eval_sft_control.json, eval_dpo_seed1338.json."""
+    return f"eval_{model}.json" if seed == first_seed else f"eval_{model}_seed{seed}.json"
+
+
+def fingerprints(s, conversations, losses, seeds, code, evaluated=None):
+    """{file name: fingerprint} of every artifact this command would write, before any is written. code: what
+    computes each artifact (train.CODE). evaluated: the losses the eval step will find (default: all)."""
     def pick(name):
-        sources = [inspect.getsource(importlib.import_module(x) if isinstance(x, str) else x)
-                   for x in code.get(name, ())]
-        return {k: getattr(s, k) for k in DEPENDS_ON[name]}, sources
+        return {k: getattr(s, k) for k in DEPENDS_ON[name]}, [code_of(x) for x in code.get(name, ())]
 
     corpus = digest([(c.id, c.turns, c.toxic, c.split) for c in conversations])
     fp = {"tokenizer.json": digest(corpus, pick("tokenizer.json"))}
     fp["sft.pt"] = digest(fp["tokenizer.json"], pick("sft.pt"))
     fp["triplets.jsonl"] = digest(fp["sft.pt"], pick("triplets.jsonl"))
+    evaluation = pick("eval")
     for seed in seeds:
+        fp[eval_name("sft", seed, s.seed)] = digest(fp["sft.pt"], fp["triplets.jsonl"], evaluation, "sft",
+                                                    seed)
+        fp[eval_name("sft_control", seed, s.seed)] = digest(fp["sft.pt"], evaluation, "sft_control", seed)
         for loss in losses:
-            fp[checkpoint_name(loss, seed, s.seed)] = digest(fp["triplets.jsonl"], pick("pref"), loss, seed)
-    fp["report.json"] = digest(fp, pick("report.json"))
+            name = checkpoint_name(loss, seed, s.seed)
+            loss_code = code_of(adpo.LOSSES[loss]) if loss in adpo.LOSSES else []
+            fp[name] = digest(fp["triplets.jsonl"], pick("pref"), loss_code, loss, seed)
+            fp[eval_name(loss, seed, s.seed)] = digest(fp[name], fp["triplets.jsonl"], evaluation, loss, seed)
+    models = ["sft", "sft_control"] + list(losses if evaluated is None else evaluated)
+    fp["report.json"] = digest([fp[eval_name(m, seed, s.seed)] for seed in seeds for m in models],
+                               pick("report.json"))
     return fp
 
 
@@ -108,6 +164,10 @@ def record(path, fingerprint):
     atomic_write(os.path.join(os.path.dirname(path), "fingerprints.json"), json.dumps(fps, indent=1) + "\n")
 
 
+def preference_checkpoints(names):
+    return [n for n in names if n.endswith(".pt") and n != "sft.pt"]
+
+
 def check_inputs(out_dir, fp, stages, argv):
     """Before anything is written: each artifact a requested stage reads and no requested stage rebuilds
     must be there and fresh. Required: sft.pt and the tokenizer (for any stage after sft), triplets.jsonl (for
@@ -123,9 +183,9 @@ def check_inputs(out_dir, fp, stages, argv):
     optional = set()
     if "eval" in stages:
         optional = {"triplets.jsonl"}
-        for name in fp:  # the preference checkpoints: the names not in STAGE_OF
+        for name in preference_checkpoints(fp):
             first_seed = name.split("_seed")[0].removesuffix(".pt") + ".pt"  # dpo_seed1338.pt -> dpo.pt
-            if name not in STAGE_OF and os.path.exists(os.path.join(out_dir, first_seed)):
+            if os.path.exists(os.path.join(out_dir, first_seed)):
                 reads.add(name)
     # the model first: it is what a stale tokenizer spoils
     names = ["sft.pt"] + [n for n in fp if n != "sft.pt"]
@@ -224,8 +284,10 @@ class Run:
         self.s = s
         self.t_start = time.time()
         self.fp = {}
+        # the losses the eval step evaluates: all after a pref step, else those whose checkpoints are there
+        self.evaluated = [n for n in losses if "pref" in stages or os.path.isfile(self.path(f"{n}.pt"))]
         if conversations is not None:
-            self.fp = fingerprints(s, conversations, losses, seeds, code or {})
+            self.fp = fingerprints(s, conversations, losses, seeds, code or {}, self.evaluated)
             check_inputs(s.out_dir, self.fp, stages, argv)
         self.stage_seconds = {}
         self._chunks = {}
@@ -257,6 +319,7 @@ class Run:
             record(path, self.fp[name])
             if os.path.exists(resume_path(path)):
                 os.remove(resume_path(path))
+        RESUMABLE.clear()
         distributed.barrier()
 
     def tokenizer(self, make):
@@ -304,6 +367,7 @@ class Run:
             save({"fingerprint": self.fp[name], "step": step + 1, "model": model.state_dict(),
                   "optimizer": optimizer.state_dict(), "rng": rng_states(generator), **state},
                  resume_path(self.path(name)))
+            RESUMABLE.update(name=name, step=step + 1)
 
     # sampling: split over the processes, and kept piece by piece until the stage is done
 
@@ -339,6 +403,30 @@ class Run:
                        json.dumps({"fingerprint": self.fp[name], "chunks": saved}))
         return decode(saved[key])
 
+    def lock_out_dir(self):
+        """out_dir created and held by this run (an flock, which even kill -9 releases): a second run started
+        in it stops at once, naming the process that holds it. Under torchrun rank 0 holds it."""
+        os.makedirs(self.s.out_dir, exist_ok=True)
+        if not distributed.is_main():
+            return
+        self._lock = open(self.path(".lock"), "a")  # created once, never written
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(self.path(".lock"))
+            raise RunError(f"{self.s.out_dir} is in use by another run (process {holder}); wait for it to "
+                           f"end or use another --out_dir") from None
+
+    def kept(self, name, compute, decode=lambda value: value):
+        """decode(the JSON in out_dir/name) when it is fresh, else decode(compute()) written there first, so a
+        value read back later and one just computed are the very same numbers."""
+        if not self.fresh(name):
+            # numpy and torch values as lists; no nan (not JSON)
+            value = json.dumps(compute(), default=lambda x: x.tolist(), allow_nan=False)
+            self.write(name, value + "\n")
+        with open(self.path(name), encoding="utf-8") as f:
+            return decode(json.load(f))
+
     def sampler(self, name):
         """A function like sample.sample_replies whose calls are kept in name's chunks: a killed stage resumes
         after its last finished sampling call."""
@@ -346,3 +434,37 @@ class Run:
             key = digest(contexts, {k: v for k, v in kw.items() if k != "progress"})
             return self.once(name, key, lambda: self.sample(model, tok, contexts, **kw), sample.as_replies)
         return sample_kept
+
+
+def lock_holder(path):
+    """The process that holds an flock on path, from /proc/locks (Linux), or "unknown"."""
+    inode = str(os.stat(path).st_ino)
+    try:
+        with open("/proc/locks") as f:
+            for line in f:  # 1: FLOCK  ADVISORY  WRITE 1234 08:02:5678 0 EOF
+                fields = line.replace("->", "").split()
+                if fields[1] == "FLOCK" and fields[5].split(":")[-1] == inode:
+                    return fields[4]
+    except (OSError, IndexError):
+        pass
+    return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+RESUMABLE = {}  # the last resume state this process saved of a checkpoint not finished yet: name, step
+
+
+def run_main(main):
+    """checks.run_main(main), and Ctrl-C as one line that says where rerunning the same command goes on."""
+    def interruptible(argv):
+        try:
+            main(argv)
+        except KeyboardInterrupt:
+            if RESUMABLE:
+                where = (f"resumes {RESUMABLE['name'].removesuffix('.pt')} at step {RESUMABLE['step']} "
+                         f"({os.path.basename(resume_path(RESUMABLE['name']))})")
+            else:
+                where = "goes on from what is finished"
+            raise RunError(f"interrupted; rerunning the same command {where}") from None
+    checks.run_main(interruptible)

@@ -38,13 +38,14 @@ STAGES = ("sft", "triplets", "pref", "eval")  # train.py's stages, in order
 
 TRAIN_RULES = [  # (settings, rule, what the rule asks)
     ("sft_iters batch_size num_candidates pref_iters pref_batch_size seeds eval_contexts eval_samples "
-     "pref_contexts toxic_retries toxic_copies diag_interval eval_interval eval_iters sample_batch_size "
+     "pref_contexts toxic_retries diag_interval eval_interval eval_iters sample_batch_size "
      "ppl_replies context_turns n_layer n_head n_embd max_new_tokens checkpoint_interval", lambda v: v >= 1,
      "at least 1"),
     # temperature > 0: greedy sampling would give K equal replies
-    ("beta gamma learning_rate min_lr pref_lr temperature", lambda v: v > 0, "positive"),
-    ("max_conversations warmup_iters pref_warmup_iters weight_decay grad_clip min_judge_gap",
-     lambda v: v >= 0, "at least 0"),
+    ("beta learning_rate min_lr pref_lr temperature", lambda v: v > 0, "positive"),
+    # gamma 0: ADPO is DPO; toxic_copies 0: SFT never shows a toxic turn behind [TOXIC] (EXERCISES.md 3, 7)
+    ("max_conversations warmup_iters pref_warmup_iters weight_decay grad_clip min_judge_gap gamma "
+     "toxic_copies", lambda v: v >= 0, "at least 0"),
     ("toxic_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("dropout beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("eps", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
@@ -267,6 +268,17 @@ def check_gpt2_folder(folder, block_size):
         raise CheckpointError(f"{path}: token ids beyond the {cfg['vocab_size']} rows of wte")
 
 
+def check_export_dir(out):
+    """A folder export.py may write into: new, empty, or one that holds only the files an export writes."""
+    ours = set(GPT2_FILES) | {name + ".tmp" for name in GPT2_FILES}  # .tmp: an interrupted export
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out={out} is a file, not a folder")
+    others = sorted(set(os.listdir(out)) - ours) if os.path.isdir(out) else []
+    if others:
+        raise ConfigError(f"--out={out} holds {others[0]}, not an export's; give a new or empty folder")
+
+
+
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints: tensors and plain values only
 
@@ -338,9 +350,14 @@ def check_finite(loss, stage, step):
 
 
 def run_main(main):
-    """Run main(argv); an error the user caused (settings, data, artifacts, files) ends in one line."""
+    """Run main(argv); an error the user caused (settings, data, artifacts, files) ends in one line. A reader
+    of stdout that stops early (`python sample.py | head -1`) ends the run quietly, with exit code 141."""
     try:
         main(sys.argv[1:])
+        sys.stdout.flush()  # a reader gone during the last write shows here, not in the interpreter's flush
+    except BrokenPipeError:  # an OSError, but normal for a pipe: no message (the Python docs' SIGPIPE recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nothing to fail
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports `yes | head -1`: not all was written, not an error
     except (ConfigError, DataError, CheckpointError, RunError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # an unwritable or full out_dir

@@ -1,12 +1,31 @@
 """Fixtures shared by the test files: a tiny GPT, a small tokenizer, a few encoded triplets, and the slow, obvious
 log-prob that every fast scoring path is checked against."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import data
 import train
 from model import GPT, GPTConfig
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the tiny preset, short enough for a test, long enough that each stage saves resume states a kill can land between
+RUN = ["--preset=tiny", "--sft_iters=40", "--pref_iters=12", "--checkpoint_interval=4"]
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """One uninterrupted `train.py *RUN` into its own out_dir: copy it (shutil.copytree) before changing it."""
+    out_dir = str(tmp_path_factory.mktemp("finished"))
+    result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *RUN, f"--out_dir={out_dir}"],
+                            capture_output=True, text=True, cwd=HERE, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir
 
 
 def make_tiny_gpt(seed=0, vocab_size=64, block_size=48, dropout=0.0):

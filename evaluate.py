@@ -6,12 +6,13 @@ end-of-turn included when it stopped by itself and not appended when it ran to m
 human reply is scored whole, end-of-turn included, its context cut from the left when the block is short.
 """
 
+import collections
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
-from collections import deque
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ def eot_logprob_after_chosen(model, enc, batch_size, device):
     the model still stop where the chosen replies stop? (ADPO that lowers all text can learn not to stop.)"""
     finished = [e for e in enc if e["chosen"][-1] == data.EOT_ID]
     if not finished:
-        return float("nan")
+        return None  # no value: JSON has no nan
     rows = [(e["prompt"] + e["chosen"], [-1] * (len(e["prompt"]) + len(e["chosen"]) - 1) + [data.EOT_ID])
             for e in finished]
     return float(np.mean([t.sum().item() for t in rows_token_logps(model, rows, batch_size, device)]))
@@ -118,8 +119,38 @@ def eot_logprob_after_chosen(model, enc, batch_size, device):
 def wordlist_judge(texts):
     """True where a text contains a word of the better-profanity word list: a held-out judge, never used to
     label, rank or pair, checks that toxicity fell and not only the training judge's score."""
-    from better_profanity import profanity
-    return np.array([profanity.contains_profanity(t) for t in texts], dtype=bool)
+    return np.array([wordlist().contains_profanity(t) for t in texts], dtype=bool)
+
+
+class IndexedWords(list):
+    """better-profanity's word list, indexed: `word in list` compares the word with every entry's spelling
+    variants (a few thousand tests a reply, 30 ms). Only an entry of the word's length whose first letter can
+    be spelt as the word's first character can match it; an entry with a longer or empty spelling is always
+    compared."""
+
+    def __init__(self, words):
+        super().__init__(words)
+        self.index = collections.defaultdict(list)
+        self.always = []
+        for entry in words:
+            combos = entry._char_combos  # the spellings of each letter
+            if combos and all(len(c) == 1 for spellings in combos for c in spellings):
+                for first in combos[0]:
+                    self.index[(len(combos), first)].append(entry)
+            else:
+                self.always.append(entry)
+
+    def __contains__(self, word):
+        candidates = self.index.get((len(word), word[:1]), [])
+        return any(entry == word for entry in candidates) or any(entry == word for entry in self.always)
+
+
+@functools.cache
+def wordlist():
+    from better_profanity import Profanity
+    judge = Profanity()  # the default word list, as better_profanity.profanity
+    judge.CENSOR_WORDSET = IndexedWords(judge.CENSOR_WORDSET)
+    return judge
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,8 +276,10 @@ def gradient_by_reply(loss_of, logps, policy, per_reply):
     read, never changed): coef/k per reply k; with per_reply, after loss.backward(retain_graph=True), each
     reply's part g_k of grad L, its norm grad/k, grad/toxic_share and grad/cos_chosen_toxic."""
     names = [k for k in ("chosen", "rejected", "toxic") if logps[f"policy_{k}_logps"].requires_grad]
-    leaves = {k: v.detach().requires_grad_(k in [f"policy_{n}_logps" for n in names]) for k, v in logps.items()}
-    coefs = torch.autograd.grad(loss_of(leaves), [leaves[f"policy_{k}_logps"] for k in names], allow_unused=True)
+    # dL/d log pi from a copy of the log-probs: the network's graph is not needed for it
+    wanted = [f"policy_{k}_logps" for k in names]
+    leaves = {k: v.detach().requires_grad_(k in wanted) for k, v in logps.items()}
+    coefs = torch.autograd.grad(loss_of(leaves), [leaves[k] for k in wanted], allow_unused=True)
     # no coefficient for a reply the loss ignores (DPO: the toxic one)
     used = [(k, logps[f"policy_{k}_logps"], c) for k, c in zip(names, coefs) if c is not None]
     # coef/k = sum_i dL/d log pi(y_k,i|x_i): < 0 where the loss pushes reply k up
@@ -258,7 +291,7 @@ def gradient_by_reply(loss_of, logps, policy, per_reply):
     def flat(grads):
         return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
     # L depends on the weights only through the log-probs: grad L = sum_k g_k with
-    # g_k = sum_i dL/d log pi(y_k,i|x_i) grad log pi(y_k,i|x_i); the last part is what the others leave of p.grad
+    # g_k = sum_i dL/d log pi(y_k,i|x_i) grad log pi(y_k,i|x_i); the last part is grad L minus the others
     parts = {}
     for i, (k, t, c) in enumerate(used[:-1]):
         last = i == len(used) - 2  # then the kept graph is freed
@@ -276,7 +309,7 @@ def gradient_by_reply(loss_of, logps, policy, per_reply):
 def stability(metrics, window=20):
     """From the per-step log: the largest fall of log pi(y_w|x) below the SFT model's, the largest gradient
     norm, the loss spikes, and the mean share of the gradient that comes from the toxic reply."""
-    recent = deque(maxlen=window)
+    recent = collections.deque(maxlen=window)
     spikes = 0
     for m in metrics:  # a spike: a loss over 3 times the median of the previous `window` steps
         if len(recent) >= 5 and m["loss"] > 3 * float(np.median(recent)):
@@ -325,6 +358,9 @@ def summarize(runs):
     section = {}
     for key in runs[0][0]:
         values = [metrics[key] for metrics, _ in runs]
+        if any(v is None for v in values):  # not defined for some seed (eot_logprob_after_chosen)
+            section[key] = None
+            continue
         section[key] = float(np.mean(values))
         if len(runs) > 1:
             section[f"{key}_std"] = float(np.std(values))
@@ -393,7 +429,8 @@ def plot_curves(path, runs):
                ["logratio/chosen", "logratio/rejected", "logratio/toxic"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     for ax, (title, keys) in zip(axes, panels):
-        for color, (name, metrics) in zip(("tab:blue", "tab:red", "tab:green", "tab:purple"), runs.items()):
+        for i, (name, metrics) in enumerate(runs.items()):  # every loss, however many: tab10's colours
+            color = plt.get_cmap("tab10")(i % 10)
             for key, style in zip(keys, ("-", "--", ":")):
                 steps = [m["step"] for m in metrics if key in m]
                 ax.plot(steps, [m[key] for m in metrics if key in m], style, color=color,
@@ -430,4 +467,4 @@ def report_files(s, runs, sets, samples, triplets, stage_seconds, wall_time_s):
     return {"report.md": markdown,
             "samples.json": json.dumps({"contexts": {g: sets[g] for g in GROUPS}, "replies": readable},
                                        ensure_ascii=False, indent=1) + "\n",
-            "report.json": json.dumps(report, indent=2) + "\n"}
+            "report.json": json.dumps(report, indent=2, allow_nan=False) + "\n"}

@@ -22,12 +22,13 @@ import os
 import time
 
 import adpo
+import artifacts
 import checks
 import data
 import evaluate
 import train
-from artifacts import Run, write_text
-from checks import load_checkpoint, run_main
+from artifacts import Run, eval_name, write_text
+from checks import load_checkpoint
 from configurator import ConfigError, apply_overrides
 
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
@@ -176,22 +177,29 @@ def main(argv):
     sft_model, tok, _ = load_checkpoint(out("sft.pt"), s.device)
     sets = evaluate.eval_sets(s, conversations, "dev")
     inputs = {"sft.pt": file_digest(out("sft.pt")), "triplets.jsonl": file_digest(out("triplets.jsonl"))}
+    run.lock_out_dir()
     os.makedirs(out("sweep"), exist_ok=True)
     print(f"sweep: {len(points)} points x {len(seeds)} seed(s) on the dev split "
           f"({len(sets['adversarial'])} adversarial, {len(sets['normal'])} normal, "
           f"{len(sets['provoked'])} provoked contexts, {len(sets['human'])} human replies)")
 
     def cached(name, settings, compute):
-        """A finished point from an earlier run of the same sweep (same settings, seeds and inputs), or
-        compute()."""
+        """A finished point from an earlier run of the same sweep, or compute(): the same fingerprints as
+        train.py's (settings, inputs and the code of the loss, the training and the evaluation), the same
+        seeds and the same sft.pt and triplets.jsonl."""
         path = out(f"sweep/{name}.json")
-        key = {"settings": dataclasses.asdict(settings), "seeds": seeds, "inputs": inputs}
+        loss = settings.loss if name != "sft" else "dpo"
+        fp = artifacts.fingerprints(settings, conversations, [loss], seeds, train.CODE)
+        models = ["sft"] if name == "sft" else [loss]
+        key = {"fingerprints": [fp[eval_name(m, seed, settings.seed)] for seed in seeds for m in models],
+               "settings": dataclasses.asdict(settings), "seeds": seeds, "inputs": inputs}
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
             if saved["key"] == key:
                 print(f"sweep: {name} done earlier, reused")
                 return saved["section"]
+            print(f"sweep: {name} done earlier with other code, settings or inputs: computed again")
         section = compute()
         write_text(path, json.dumps({"key": key, "section": section}) + "\n")
         return section
@@ -229,4 +237,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    artifacts.run_main(main)

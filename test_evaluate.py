@@ -166,3 +166,15 @@ def test_gradient_by_reply_is_measured_beside_the_update(tiny_triplets, tiny_gpt
         assert 0 < metrics["grad/toxic_share"] < 1 and -1 <= metrics["grad/cos_chosen_toxic"] <= 1
     else:  # DPO ignores the toxic reply
         assert "coef/toxic" not in metrics and "grad/toxic_share" not in metrics
+
+
+def test_the_indexed_word_list_answers_as_the_library():
+    """evaluate.wordlist() indexes better-profanity's word list for speed: the same answer for every text."""
+    from better_profanity import Profanity
+    conversations = data.load_corpus(None, 0.5, 2000)
+    texts = [t for c in conversations for t, toxic in zip(c.turns, c.toxic) if toxic][:30]
+    texts += ["sh!t happens", "you a$$hole", "f u c k off", "what the fuuuck", "b1tch please", "@ss", "$h1t",
+              "assessment", "class act", "hello there", "", "a", "i hate mondays", "go to hell"]
+    library = Profanity()
+    expected = [library.contains_profanity(t) for t in texts]
+    assert list(evaluate.wordlist_judge(texts)) == expected and 5 < sum(expected) < len(texts)

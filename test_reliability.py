@@ -19,14 +19,14 @@ import adpo
 import artifacts
 import checks
 import data
+import evaluate
 import sample
 import sweep
 import train
 from artifacts import Run
+from conftest import RUN
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# short enough for a test, long enough that each stage saves resume states a kill can land between
-RUN = ["--preset=tiny", "--sft_iters=40", "--pref_iters=12", "--checkpoint_interval=4"]
 
 
 def start_train(out_dir, *args):
@@ -81,14 +81,6 @@ def cli_error(main, argv, monkeypatch):
     return str(exit_info.value.code)
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One uninterrupted run: the reference for resume, and the out_dir the stale cases start from."""
-    out_dir = str(tmp_path_factory.mktemp("finished"))
-    run_train(out_dir)
-    return out_dir
-
-
 def copy_of(finished, tmp_path):
     out_dir = str(tmp_path / "run")
     shutil.copytree(finished, out_dir)
@@ -107,13 +99,15 @@ def test_kill_in_every_stage_then_rerun_gives_the_same_report(finished, tmp_path
     assert {"model", "optimizer", "step", "rng", "fingerprint"} <= set(state)
     # then while sampling the triplets, during DPO, during the evaluation
     for marker, unfinished in (("triplets.chunks.json", "triplets.jsonl"), ("dpo.resume.pt", "adpo.pt"),
-                               ("report.chunks.json", "report.json")):
+                               ("eval_sft_control.json", "report.json")):
         kill_when(start_train(out_dir), os.path.join(out_dir, marker))
         assert not os.path.exists(os.path.join(out_dir, unfinished))
+    start = len(output(out_dir))
     run_train(out_dir)
     for resumed in ("sft.resume.pt: resumed at step", "triplets.chunks.json: resumed after 1",
-                    "dpo.resume.pt: resumed at step", "report.chunks.json: resumed after"):
+                    "dpo.resume.pt: resumed at step"):
         assert resumed in output(out_dir)
+    assert "eval sft: adversarial" not in output(out_dir)[start:]  # the SFT model's evaluation was kept
     assert comparable(out_dir) == comparable(finished)
     assert not [name for name in os.listdir(out_dir) if "resume" in name]  # removed once their stage is done
 
@@ -224,20 +218,33 @@ def test_every_seed_checkpoint_is_checked_before_evaluation(finished, tmp_path, 
     assert snapshot(out_dir) == before  # stopped before the evaluation started
 
 
-@pytest.mark.parametrize("edited, stale", [
-    ("adpo", ["dpo.pt", "adpo.pt", "report.json"]),  # a student changes a loss: dpo.pt must not pass as fresh
-    ("build_triplets", ["triplets.jsonl", "dpo.pt", "adpo.pt", "report.json"]),  # a step that lives in train.py
-    ("train_sft", ["sft.pt", "triplets.jsonl", "dpo.pt", "adpo.pt", "report.json"]),
+POLICIES = ["dpo.pt", "eval_dpo.json", "adpo.pt", "eval_adpo.json"]
+DOWNSTREAM_OF_SFT = ["eval_sft.json", "eval_sft_control.json", "triplets.jsonl", *POLICIES, "report.json"]
+
+
+@pytest.mark.parametrize("edited, edit, stale", [
+    # the coursework case: a student changes ADPO's loss; DPO's checkpoint and evaluation stay fresh
+    (lambda: adpo.adpo_loss, "\n    _edited = 1\n", ["adpo.pt", "eval_adpo.json", "report.json"]),
+    (lambda: adpo.adpo_loss, "\n    # a reworded comment\n", []),  # comments and docstrings do not count
+    (lambda: adpo, "\n# a comment at the end of adpo.py\n", []),
+    (lambda: adpo, "\n\ndef nll_loss(policy_chosen_logps):\n    return -policy_chosen_logps\n", []),  # a new loss
+    # shared code, reached from the preference step through the functions it calls (concatenated_logps)
+    (lambda: adpo.token_logps, "\n    _edited = 1\n", [*POLICIES, "report.json"]),
+    (lambda: train.build_triplets, "\n    _edited = 1\n", ["triplets.jsonl", "eval_sft.json", *POLICIES,
+                                                        "report.json"]),
+    (lambda: train.train_sft, "\n    _edited = 1\n", ["sft.pt", *DOWNSTREAM_OF_SFT]),
+    (lambda: evaluate.evaluate, "\n    _edited = 1\n", ["eval_sft.json", "eval_sft_control.json",
+                                                        "eval_dpo.json", "eval_adpo.json", "report.json"]),
+    (lambda: evaluate.report_table, "\n    _edited = 1\n", ["report.json"]),  # through report_files
 ])
-def test_editing_the_code_of_a_step_makes_its_artifacts_stale(monkeypatch, edited, stale):
+def test_editing_code_makes_stale_exactly_what_it_computes(monkeypatch, edited, edit, stale):
     s = train.get_settings(["--preset=tiny"])
     conversations = [data.Conversation("1", ["hi", "hello"], [False, False], "sft")]
     before = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed], train.CODE)
-    real = inspect.getsource
-    target = {"adpo": adpo, "build_triplets": train.build_triplets, "train_sft": train.train_sft}[edited]
-    monkeypatch.setattr(artifacts.inspect, "getsource", lambda x: real(x) + ("\n# edited\n" if x is target else ""))
+    real, target = inspect.getsource, edited()
+    monkeypatch.setattr(artifacts.inspect, "getsource", lambda x: real(x) + (edit if x is target else ""))
     after = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed], train.CODE)
-    assert [name for name in before if before[name] != after[name]] == stale
+    assert sorted(name for name in before if before[name] != after[name]) == sorted(stale)
 
 
 def test_every_setting_is_fingerprinted_or_declared_harmless():
@@ -410,3 +417,4 @@ def test_a_checkpoint_from_before_the_tokenizer_moved_inside_is_one_line(finishe
     result = sample_cli(f"--checkpoint={path}")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith(f"error: {path}: written before checkpoints carried their tokenizer; rebuild")
+

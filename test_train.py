@@ -99,7 +99,7 @@ def test_sample_cli(tiny_run):
     (["--sft_iters=many"], "--sft_iters=many: expected int"),
     (["--loss=kto"], "unknown loss 'kto'; valid losses: dpo, adpo, adpo_split, ipo, cdpo"),
     (["--beta=0"], "--beta must be positive"),
-    (["--gamma=-0.1"], "--gamma must be positive"),
+    (["--gamma=-0.1"], "--gamma must be at least 0, got -0.1"),  # 0 is DPO; below it, ADPO rewards y_t
     (["--preset=huge"], "unknown preset 'huge'"),
 ])
 def test_bad_settings_stop_with_one_line(tmp_path, args, message):
@@ -155,9 +155,14 @@ def test_settings_overrides_are_typed():
 def test_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     out_dir = str(tmp_path / "sweep")
     shutil.copytree(tiny_run, out_dir)
-    args = [sys.executable, os.path.join(HERE, "sweep.py"), "--preset=tiny", f"--out_dir={out_dir}",
+    code = tmp_path / "code"  # a copy of the project, for a student's edit of a loss
+    code.mkdir()
+    for name in os.listdir(HERE):
+        if name.endswith(".py") or name == "provoked.txt":
+            shutil.copy(os.path.join(HERE, name), code / name)
+    args = [sys.executable, str(code / "sweep.py"), "--preset=tiny", f"--out_dir={out_dir}",
             "--grid=loss=dpo,adpo gamma=0.1,0.3", "--pref_iters=2"]
-    result = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)
+    result = subprocess.run(args, capture_output=True, text=True, cwd=code, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = json.load(open(os.path.join(out_dir, "sweep.json")))
     assert [p["label"] for p in sweep["points"]] == ["dpo", "adpo gamma=0.1", "adpo gamma=0.3"]  # DPO once
@@ -167,7 +172,12 @@ def test_sweep_on_the_tiny_preset(tiny_run, tmp_path):
             assert key in p
     for name in ("sweep.md", "tradeoff.png"):
         assert os.path.isfile(os.path.join(out_dir, name))
-    again = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)  # finished points are reused
-    assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 4
+    source = (code / "adpo.py").read_text()
+    assert "- gamma * h_t)" in source
+    (code / "adpo.py").write_text(source.replace("- gamma * h_t)", "- 5 * gamma * h_t)", 1))  # adpo_loss edited
+    again = subprocess.run(args, capture_output=True, text=True, cwd=code, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep: sft done earlier, reused" in again.stdout and "sweep: dpo done earlier, reused" in again.stdout
+    assert again.stdout.count("done earlier with other code, settings or inputs: computed again") == 2  # ADPO
     bad = subprocess.run(args[:-2] + ["--grid=block_size=32,64"], capture_output=True, text=True, cwd=HERE)
     assert bad.returncode != 0 and "cannot vary block_size" in bad.stderr

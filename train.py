@@ -28,12 +28,13 @@ import torch
 from tqdm import tqdm
 
 import adpo
+import artifacts
 import checks
 import data
 import distributed
 import evaluate
 import sample
-from artifacts import Run, checkpoint_name
+from artifacts import Run, checkpoint_name, eval_name
 from checks import load_checkpoint, loss_list, stage_list
 from configurator import ConfigError, apply_overrides, parse_overrides
 from model import GPT, GPTConfig, autocast
@@ -191,7 +192,8 @@ def train_sft(s, tok, conversations, run):
           f"{len(val_stream[0]):,} validation tokens")
     generator = torch.Generator().manual_seed(s.seed)  # the same global batches in every process
     # compiled with --compile, wrapped for DDP under torchrun; the training state of a killed run
-    model = run.prepare(raw_model, rows=s.batch_size // distributed.world_size() // s.grad_accum)
+    rows = s.batch_size // distributed.world_size() // s.grad_accum  # in one forward pass
+    model = run.prepare(raw_model, rows)
     start, state = run.resume("sft.pt", raw_model, optimizer, generator)
 
     @torch.no_grad()
@@ -201,8 +203,14 @@ def train_sft(s, tok, conversations, run):
         losses = []
         for _ in range(s.eval_iters):
             x, y = data.get_sft_batch(val_stream, s.batch_size, s.block_size, val_gen)
-            with autocast(s.device):
-                losses.append(raw_model(x.to(s.device), y.to(s.device))[1].item())
+            total = int((y != -1).sum())
+            loss = 0.0
+            for xs, ys in zip(x.split(rows), y.split(rows)):  # no more rows in a forward than in training
+                n = int((ys != -1).sum())
+                if n:
+                    with autocast(s.device):
+                        loss += raw_model(xs.to(s.device), ys.to(s.device))[1].item() * n
+            losses.append(loss / max(total, 1))
         model.train()
         return float(np.mean(losses))
 
@@ -219,8 +227,9 @@ def train_sft(s, tok, conversations, run):
         for xs, ys, weight in distributed.micro_batches(model, x, y, s.grad_accum):  # this process's pieces
             with autocast(s.device):
                 _, loss = model(data.to_device(xs, s.device), data.to_device(ys, s.device))
-            (loss * weight).backward()
-            loss_sum = loss_sum + loss.detach() * weight / distributed.world_size()  # stays on the device
+            (loss * weight).backward()  # a piece without targets: its loss is nan, its gradient 0
+            if weight:
+                loss_sum = loss_sum + loss.detach() * weight / distributed.world_size()  # stays on the device
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
@@ -276,7 +285,7 @@ def build_triplets(s, model, tok, conversations, sample_replies=sample.sample_re
                                  progress=f"triplets: toxic replies, try {attempt + 1}", **kw)
         p = data.judge_probs([r[0].text for r in replies])
         for i, reply, prob in zip(todo, replies, p):
-            if toxic[i] is None or prob > toxic_prob[i]:  # keep the most toxic try
+            if reply[0].text and (toxic[i] is None or prob > toxic_prob[i]):  # the most toxic non-empty try
                 toxic[i] = reply[0]
                 toxic_prob[i] = float(prob)
         todo = [i for i in todo if toxic_prob[i] < s.toxic_threshold]
@@ -286,7 +295,7 @@ def build_triplets(s, model, tok, conversations, sample_replies=sample.sample_re
     triplets = []
     for i, ctx in enumerate(contexts):
         scored = [(float(p), r) for p, r in zip(probs[i], candidates[i]) if r.text]
-        if len(scored) < 2:
+        if len(scored) < 2 or toxic[i] is None:  # two non-empty candidates and a non-empty toxic reply
             continue
         p_w, chosen = min(scored, key=lambda x: x[0])
         p_l, rejected = max(scored, key=lambda x: x[0])
@@ -362,13 +371,14 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, run, name):
         diagnose = it % s.diag_interval == 0  # every few steps, also: which reply the gradient comes from
         loss.backward(retain_graph=diagnose)  # the graph is kept for that measurement only
         diagnostics = evaluate.gradient_by_reply(
-            lambda lp: adpo.call_loss(loss_name, {**lp, **batch_ref, **hyper}).mean(), logps, policy, diagnose)
+            lambda lp: adpo.call_loss(loss_name, {**lp, **batch_ref, **hyper}).mean(), logps, policy,
+            per_reply=diagnose)
         distributed.average_gradients(policy)  # over the processes: the gradient of the whole batch's mean
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        row = {"step": it, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
+        row = {"step": it + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
                **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref,
                                          beta=s.beta, gamma=s.gamma)}
         metrics.append(distributed.mean_over_processes(row))  # the whole batch's (grad/*: norms averaged)
@@ -377,6 +387,35 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, run, name):
         run.end_step(name, it, loss, policy, optimizer, generator, order=order, metrics=metrics)
     policy.eval()
     return policy, metrics
+
+
+def preference_optimization(s, run, sft_model, tok, losses, seeds):
+    """Every loss of --loss beside DPO, for every seed, from sft.pt on the same triplets (reference log-probs
+    computed once), each saved with its per-step metrics; curves.png of the first seed's."""
+    names = {(loss, seed): checkpoint_name(loss, seed, s.seed) for seed in seeds for loss in losses}
+    todo = [key for key, name in names.items() if not run.fresh(name)]  # not trained by the same command
+    if todo:
+        _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), s.min_judge_gap,
+                                      sft_model.config.block_size, s.max_new_tokens)
+        ref = reference_logps(s, sft_model, enc)
+    curves = {}  # loss -> per-step metrics of the first seed
+    for (loss_name, seed), name in names.items():
+        metrics_file = f"metrics_{name.removesuffix('.pt')}.jsonl"
+        if (loss_name, seed) in todo:
+            policy, metrics = train_preference(s, loss_name, run.path("sft.pt"), enc, ref, seed, run, name)
+            run.save_checkpoint(name, policy, tok, loss=loss_name, pref_seed=seed, metrics=metrics)
+        elif seed == s.seed or not os.path.isfile(run.path(metrics_file)):
+            metrics = checks.read_checkpoint(run.path(name))["metrics"]
+        if (loss_name, seed) in todo or not os.path.isfile(run.path(metrics_file)):
+            run.write(metrics_file, jsonl(metrics))
+        if seed == s.seed:
+            curves[loss_name] = metrics
+    if distributed.is_main() and (todo or not os.path.isfile(run.path("curves.png"))):
+        evaluate.plot_curves(run.path("curves.png"), curves)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# step 4: the evaluation, every model on the same held-out contexts (evaluate.py)
 
 
 @torch.no_grad()
@@ -393,67 +432,57 @@ def final_pass(s, policy, enc, ref):
     return {"chosen_logp_change": h_w.mean().item(), "final_accuracy": (h_w > h_l).float().mean().item()}
 
 
-def preference_optimization(s, run, sft_model, tok, losses, seeds):
-    """Every loss of --loss beside DPO, for every seed, from sft.pt on the same triplets (reference log-probs
-    computed once), each saved as its checkpoint with its per-step metrics; curves.png of the first seed."""
-    _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), s.min_judge_gap,
-                                  sft_model.config.block_size, s.max_new_tokens)
-    ref = reference_logps(s, sft_model, enc)
-    curves = {}  # loss -> per-step metrics of the first seed
-    for seed in seeds:
-        for loss_name in losses:
-            name = checkpoint_name(loss_name, seed, s.seed)  # dpo.pt, dpo_seed1338.pt, ...
-            metrics_file = f"metrics_{name.removesuffix('.pt')}.jsonl"
-            if not run.fresh(name):  # not trained already by the same command
-                policy, metrics = train_preference(s, loss_name, run.path("sft.pt"), enc, ref, seed, run,
-                                                   name)
-                run.write(metrics_file, jsonl(metrics))
-                stats = {**final_pass(s, policy, enc, ref), **evaluate.stability(metrics)}
-                run.save_checkpoint(name, policy, tok, loss=loss_name, pref_seed=seed, stability=stats)
-            if seed == s.seed:
-                curves[loss_name] = [row for _, row in checks.json_lines(run.path(metrics_file))]
-    if distributed.is_main():
-        evaluate.plot_curves(run.path("curves.png"), curves)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# step 4: the evaluation, every model on the same held-out contexts (evaluate.py)
-
-
-def evaluate_models(s, run, sft_model, tok, conversations, losses, seeds):
-    """SFT and every trained loss on the eval split, each seed's replies sampled with that seed. Returns the
-    eval files ({name: text}); each model's evaluation is kept as it finishes (run.once)."""
+def evaluate_models(s, run, sft_model, tok, conversations, seeds):
+    """SFT, SFT with [TOXIC] and every trained loss on the eval split, each seed's replies sampled with that
+    seed. Each model's evaluation is its own artifact (eval_NAME.json), computed only when missing or stale.
+    Returns {model: [(metrics, units)] over seeds}, the eval sets, the last seed's replies, the triplets."""
     sets = evaluate.eval_sets(s, conversations, "eval")
     triplets, enc = [], None
     if os.path.isfile(run.path("triplets.jsonl")):
         triplets, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")),
                                              s.min_judge_gap, sft_model.config.block_size, s.max_new_tokens)
-    evaluated = [n for n in losses if os.path.isfile(run.path(f"{n}.pt"))]  # every seed's checked fresh
-    runs = {"sft": [], **{name: [] for name in evaluated}}
+    ref = {}  # the SFT model's log-probs of the triplets, computed once if a policy is evaluated
+
+    def evaluate_policy(loss_name, seed):
+        policy, _, ckpt = load_checkpoint(run.path(checkpoint_name(loss_name, seed, s.seed)), s.device)
+        r, replies, units = evaluate.evaluate(s, policy, sft_model, tok, sets, seed, loss_name, enc,
+                                              run.sample)
+        r.update(evaluate.stability(ckpt["metrics"]))  # how the training went
+        if enc is not None:
+            if not ref:
+                ref.update(reference_logps(s, sft_model, enc))
+            r.update(final_pass(s, policy, enc, ref))
+        return r, replies, units
+
+    runs = {"sft": [], **{name: [] for name in run.evaluated}}
     samples = {}
-    def once(key, compute):  # kept in report.chunks.json until report.json is written
-        return run.once("report.json", key, compute, evaluate.results_from_json)
     for seed in seeds:
-        r, samples["sft"], units = once(f"sft {seed}", lambda: evaluate.evaluate(
+        def kept(model, compute):
+            return run.kept(eval_name(model, seed, s.seed), compute, evaluate.results_from_json)
+        r, samples["sft"], units = kept("sft", lambda: evaluate.evaluate(
             s, sft_model, sft_model, tok, sets, seed, "sft", enc, run.sample))
-        control, samples["sft_control"] = once(f"sft_control {seed}", lambda: evaluate.evaluate_sft_control(
+        control, samples["sft_control"] = kept("sft_control", lambda: evaluate.evaluate_sft_control(
             s, sft_model, tok, sets, seed, run.sample))
         runs["sft"].append(({**control, **r}, units))
-        for name in evaluated:
-            policy, _, ckpt = load_checkpoint(run.path(checkpoint_name(name, seed, s.seed)), s.device)
-            r, samples[name], units = once(f"{name} {seed}", lambda: evaluate.evaluate(
-                s, policy, sft_model, tok, sets, seed, name, enc, run.sample))
-            runs[name].append(({**r, **ckpt.get("stability", {})}, units))
+        for name in run.evaluated:
+            r, samples[name], units = kept(name, lambda: evaluate_policy(name, seed))
+            runs[name].append((r, units))
     return runs, sets, samples, triplets
 
 
-# the code that computes each artifact: editing any of it makes the artifact stale (artifacts.fingerprints)
-# (a module by its name, or a function)
-CODE = {"sft.pt": ("model", "data", get_lr, train_sft),
-        "triplets.jsonl": ("sample", build_triplets),
-        "pref": ("adpo", reference_logps, policy_logps, train_preference, final_pass, preference_optimization,
-                 evaluate.gradient_by_reply, evaluate.stability),
-        "report.json": ("evaluate", evaluate_models)}
+# the code that computes each artifact: editing it makes the artifact stale (artifacts.fingerprints: a
+# module by its name, or a function with the functions of its module it calls; each loss adds its own)
+CODE = {"tokenizer.json": (make_tokenizer,),
+        "sft.pt": ("model", "data", get_lr, train_sft),
+        "triplets.jsonl": (sample.sample_replies, sample.sampling_settings, build_triplets),
+        "pref": (adpo.concatenated_logps, adpo.call_loss, adpo.preference_metrics, data.preference_data,
+                 data.triplet_batches, reference_logps, policy_logps, train_preference,
+                 preference_optimization, evaluate.gradient_by_reply),
+        "eval": (evaluate.eval_sets, "provoked.txt", evaluate.evaluate, evaluate.evaluate_sft_control,
+                 evaluate.stability, evaluate.results_from_json, sample.sample_replies,
+                 sample.sampling_settings, data.preference_data, reference_logps, final_pass,
+                 evaluate_models),
+        "report.json": (evaluate.report_files,)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -470,7 +499,7 @@ def main(argv):
     # before the first file is written: what the stages read is there and fresh, and every input is sound
     run = Run(s, argv, conversations, losses, seeds, CODE, stages)
     checks.check_inputs(s, stages, conversations, run.path("triplets.jsonl"))
-    os.makedirs(s.out_dir, exist_ok=True)
+    run.lock_out_dir()  # this run's alone, until it ends
     run.stage_seconds["data"] = run.wall_time()
 
     # 1. SFT: the dialogue model, and with [TOXIC] the inner toxic model (a fresh artifact is not made again)
@@ -496,10 +525,9 @@ def main(argv):
             preference_optimization(s, run, sft_model, tok, losses, seeds)
 
     # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seeds
-    if "eval" in stages:
+    if "eval" in stages and not run.fresh("report.json"):
         with run.timed("eval"):
-            runs, sets, samples, triplets = evaluate_models(s, run, sft_model, tok, conversations, losses,
-                                                            seeds)
+            runs, sets, samples, triplets = evaluate_models(s, run, sft_model, tok, conversations, seeds)
         files = evaluate.report_files(s, runs, sets, samples, triplets, run.stage_seconds, run.wall_time())
         for name, text in files.items():  # report.json last: it marks the stage finished
             run.write(name, text)
@@ -508,4 +536,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    checks.run_main(main)
+    artifacts.run_main(main)

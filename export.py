@@ -1,0 +1,77 @@
+"""
+A checkpoint as a Hugging Face GPT-2 folder for other tools: config.json, model.safetensors, tokenizer.json.
+
+    python export.py --checkpoint=out/adpo.pt --out=hf/adpo
+
+then transformers.GPT2LMHeadModel.from_pretrained("hf/adpo") gives our model's logits on the same ids.
+GPT.from_gpt2 reads such a folder back (docs/running.md: Exporting to Hugging Face).
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+from checks import GPT2_FILES, CheckpointError, check_export_dir, load_checkpoint, run_main
+from configurator import apply_overrides, parse_overrides
+from data import ENDOFTEXT_ID, PAD_ID
+from model import CONV1D
+
+
+@dataclass
+class ExportSettings:
+    checkpoint: str = "out/adpo.pt"  # a checkpoint written by train.py
+    out: str = "hf"  # the folder to write: new, empty, or holding only an earlier export
+
+
+def gpt2_config(config):
+    """config.json of the GPT-2 that computes our GPT's function (model.py's block is GPT-2's exactly)."""
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_ctx": config.block_size,  # n_ctx: read by old transformers
+            "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+            "tie_word_embeddings": True,
+            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+            "bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID, "pad_token_id": PAD_ID}
+
+
+def gpt2_tensors(model):
+    """Our weights under GPT-2's names (ours already, transformer. prefix included) in GPT-2's layout."""
+    tensors = {}
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # the same tensor as wte; safetensors refuses shared tensors, and GPT-2 ties them again
+        if name.endswith(CONV1D):
+            w = w.t()  # nn.Linear holds (out, in); GPT-2's Conv1D stores (in, out)
+        tensors[name] = w.detach().contiguous()
+    return tensors
+
+
+def export(model, tokenizer_json, out):
+    """out/config.json, model.safetensors and tokenizer.json, each written to NAME.tmp, then all renamed."""
+    from safetensors.torch import save_file
+    assert model.config.bias, "GPT-2 has biases; a model without them is not one"
+    os.makedirs(out, exist_ok=True)
+    path = {name: os.path.join(out, name) for name in GPT2_FILES}
+    with open(path["config.json"] + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(gpt2_config(model.config), f, indent=2)
+    with open(path["tokenizer.json"] + ".tmp", "w", encoding="utf-8") as f:
+        f.write(tokenizer_json)  # our BPE exactly, special tokens at ids 0-3
+    # format "pt": transformers refuses a safetensors file without it
+    save_file(gpt2_tensors(model), path["model.safetensors"] + ".tmp", metadata={"format": "pt"})
+    for name in GPT2_FILES:  # the slow writes are done: a folder never mixes two exports for long
+        os.replace(path[name] + ".tmp", path[name])
+
+
+def main(argv):
+    s = apply_overrides(ExportSettings(), parse_overrides(argv))
+    check_export_dir(s.out)
+    model, _, ckpt = load_checkpoint(s.checkpoint)
+    if not model.config.bias:
+        raise CheckpointError(f"{s.checkpoint}: a model without biases (bias=False) is not a GPT-2; "
+                              "export needs one trained with bias=True")
+    export(model, ckpt["tokenizer_json"], s.out)
+    print(f"wrote {', '.join(GPT2_FILES)} to {s.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

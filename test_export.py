@@ -1,0 +1,107 @@
+"""export.py: a checkpoint as a Hugging Face GPT-2 folder, read back by our own GPT-2 loader (GPT.from_gpt2)
+and, when it is installed, by transformers. Nothing is trained or downloaded: a few seconds on 2 CPU cores."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import export
+import train
+from artifacts import Run
+from checks import GPT2_FILES, check_gpt2_folder
+from configurator import ConfigError
+from model import GPT, GPTConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BLOCK_SIZE = 32
+TEXT = "hello there, how are you doing today?"
+
+
+def save_checkpoint(out_dir, bias=True):
+    """out_dir/tiny.pt as train.py saves one: an untrained GPT whose every weight is moved off its init
+    (biases not 0, LayerNorm gains not 1), so that a dropped bias or a missed transpose changes the logits."""
+    texts = [TEXT, "i am fine thanks", "you idiot", "that sounds great"] * 20
+    tok = data.train_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=BLOCK_SIZE, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_embd=32,
+                       bias=bias)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # wte once: lm_head is the same tensor
+            p.add_(torch.randn_like(p) * 0.3)
+    Run(train.Settings(out_dir=out_dir)).save_checkpoint("tiny.pt", model, tok)
+    return os.path.join(out_dir, "tiny.pt"), model, tok
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(checkpoint path, folder it was exported to, model, tokenizer)."""
+    path, model, tok = save_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
+    folder = os.path.join(str(tmp_path_factory.mktemp("hf")), "tiny")  # not there yet: export creates it
+    export.main([f"--checkpoint={path}", f"--out={folder}"])
+    return path, folder, model, tok
+
+
+def random_ids(vocab_size):
+    return torch.randint(0, vocab_size, (3, BLOCK_SIZE), generator=torch.Generator().manual_seed(0))
+
+
+def test_export_reads_back_as_the_same_model_and_tokenizer(exported):
+    _, folder, model, tok = exported
+    assert sorted(os.listdir(folder)) == sorted(GPT2_FILES)  # no .tmp left behind
+    check_gpt2_folder(folder, BLOCK_SIZE)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["n_positions"] == BLOCK_SIZE
+    # bos and eos our <|endoftext|>, pad our <|pad|>
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (3, 3, 0)
+
+    reloaded = GPT.from_gpt2(folder, BLOCK_SIZE, tok.get_vocab()).eval()
+    ids = random_ids(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids)[0], model(ids)[0], rtol=0, atol=1e-6)
+
+    assert data.gpt2_tokenizer(folder).get_vocab() == tok.get_vocab()
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        assert f.read() == tok.to_str()  # our tokenizer exactly: merges, special tokens, added tokens
+
+
+def test_transformers_loads_the_export_with_the_same_logits(exported):
+    transformers = pytest.importorskip("transformers")
+    _, folder, model, tok = exported
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    ids = random_ids(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids)[0], rtol=1e-5, atol=1e-5)
+    assert (hf.config.eos_token_id, hf.config.pad_token_id) == (data.ENDOFTEXT_ID, data.PAD_ID)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
+    assert hf_tok.get_vocab() == tok.get_vocab()
+    assert hf_tok(TEXT)["input_ids"] == data.encode(tok, TEXT)
+
+
+def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(exported, tmp_path):
+    path, folder, _, _ = exported
+    export.main([f"--checkpoint={path}", f"--out={folder}"])  # an earlier export is overwritten
+    assert sorted(os.listdir(folder)) == sorted(GPT2_FILES)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt"):
+        export.main([f"--checkpoint={path}", f"--out={tmp_path}"])
+    with pytest.raises(ConfigError, match="is a file"):
+        export.main([f"--checkpoint={path}", f"--out={tmp_path / 'notes.txt'}"])
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_a_model_without_biases_is_refused_in_one_line(tmp_path):
+    path, _, _ = save_checkpoint(str(tmp_path), bias=False)
+    out = tmp_path / "hf"
+    result = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), f"--checkpoint={path}",
+                             f"--out={out}"], capture_output=True, text=True, cwd=HERE, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "bias=False" in result.stderr and not out.exists()  # refused before anything is written
