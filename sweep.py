@@ -11,6 +11,13 @@ never used for SFT or for triplets, and never the eval split, which is read for 
 sweep.md and tradeoff.png (adversarial toxicity against perplexity, one point per setting, SFT and DPO
 marked) to --out_dir, and each finished point to --out_dir/sweep/, so a rerun of the same sweep skips what
 is done.
+
+    python sweep.py --stress="pref_lr=2e-4,8e-4 beta=0.02" --seeds=6   # is ADPO steadier than DPO?
+
+The stress test (docs/stability.md): every loss of --loss and DPO, unstressed and under each stress on its own
+(not their product), every seed; a run computes only its per-step metrics and val_ppl on the dev split, and is
+called unstable by a rule that judges each loss against its own unstressed runs. Writes stress.json, stress.md
+and stress_curves.png.
 """
 
 import dataclasses
@@ -18,8 +25,11 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import os
 import time
+
+import numpy as np
 
 import adpo
 import artifacts
@@ -27,7 +37,7 @@ import checks
 import data
 import evaluate
 import train
-from artifacts import Run, eval_name, write_text
+from artifacts import Run, checkpoint_name, eval_name, write_text
 from checks import load_checkpoint
 from configurator import ConfigError, apply_overrides
 
@@ -85,15 +95,21 @@ def file_digest(path):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def preference_inputs(ps, sft_model, tok, run, cache):
+    """The encoded triplets this point trains on and their reference log-probs, computed once per
+    min_judge_gap (the only setting a sweep may vary that changes them)."""
+    if ps.min_judge_gap not in cache:
+        _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), ps.min_judge_gap,
+                                      sft_model.config.block_size, ps.max_new_tokens)
+        cache[ps.min_judge_gap] = (enc, train.reference_logps(ps, sft_model, enc))
+    return cache[ps.min_judge_gap]
+
+
 def run_point(s, point, sft_model, tok, sets, seeds, run, cache):
     """Train and evaluate one point for every seed; returns its report section (seeds pooled)."""
     ps = apply_overrides(s, point)
     checks.check_settings(ps)
-    if ps.min_judge_gap not in cache:  # the triplets this gap keeps, and their reference log-probs
-        _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), ps.min_judge_gap,
-                                      sft_model.config.block_size, ps.max_new_tokens)
-        cache[ps.min_judge_gap] = (enc, train.reference_logps(ps, sft_model, enc))
-    enc, ref = cache[ps.min_judge_gap]
+    enc, ref = preference_inputs(ps, sft_model, tok, run, cache)
     runs = []
     name = label(point).replace(" ", "_")
     for seed in seeds:
@@ -105,6 +121,21 @@ def run_point(s, point, sft_model, tok, sets, seeds, run, cache):
         r, _, units = evaluate.evaluate(ps, policy, sft_model, tok, sets, seed, label(point), enc, run.sample)
         runs.append(({**r, **stats}, units))
     return {"label": label(point), "overrides": point, "n_triplets": len(enc), **evaluate.summarize(runs)}
+
+
+def cached(path, key, compute, name):
+    """A result saved at path by an earlier run with the same key (fingerprints, settings, seeds, inputs), or
+    compute() saved there."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            print(f"sweep: {name} done earlier, reused")
+            return saved["section"]
+        print(f"sweep: {name} done earlier with other code, settings or inputs: computed again")
+    section = compute()
+    write_text(path, json.dumps({"key": key, "section": section}) + "\n")
+    return section
 
 
 def meets_goal(section, sft, dpo):
@@ -161,48 +192,213 @@ def plot_tradeoff(path, result):
     os.replace(tmp, path)
 
 
-def main(argv):
-    t_start = time.time()
-    grid = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), DEFAULT_GRID)
-    s = train.get_settings([a for a in argv if not a.startswith("--grid=")])
+# ----------------------------------------------------------------------------------------------------------
+# the stress test (docs/stability.md): where DPO goes wrong, does ADPO go wrong less often?
+
+DEFAULT_STRESS = "pref_lr=2e-4,8e-4 beta=0.02"
+DEGENERATE_PPL_RATIO = 1.5  # degenerate: val_ppl over 1.5 x the median of the loss's unstressed runs
+COLLAPSE_FACTOR, COLLAPSE_NATS = 2.0, 1.0  # collapsing: the chosen reply falls over 2 x U's largest fall + 1
+
+
+def stress_points(axes):
+    """The unstressed point, then every value of every axis on its own (not their product)."""
+    return [{}] + [{key: value} for key, values in axes.items() for value in values]
+
+
+def stress_label(point):
+    return " ".join(f"{k}={v}" for k, v in point.items()) or "unstressed"
+
+
+def stress_run(ps, loss, seed, enc, ref, human, tok, run):
+    """One training run: its per-step metrics, their stability numbers and val_ppl. A run that a non-finite
+    loss stopped is kept as broken."""
+    try:
+        policy, metrics = train.train_preference(ps, loss, run.path("sft.pt"), enc, ref, seed, run, loss)
+    except checks.RunError as e:
+        return {"broken": str(e), "metrics": []}
+    return {"val_ppl": evaluate.val_ppl(policy, tok, human, ps.sample_batch_size, ps.device),
+            **evaluate.stability(metrics), "metrics": metrics}
+
+
+def unstable(r, unstressed):
+    """The criteria of docs/stability.md that run r meets, judged against its own loss's unstressed runs."""
+    if "broken" in r or not math.isfinite(r["val_ppl"]):
+        return ["broken"]
+    ok = [u for u in unstressed if "broken" not in u and math.isfinite(u["val_ppl"])]
+    if not ok:
+        raise checks.RunError("every unstressed run of a loss broke: there is nothing to judge against")
+    fired = []
+    if r["val_ppl"] > DEGENERATE_PPL_RATIO * np.median([u["val_ppl"] for u in ok]):
+        fired.append("degenerate")
+    if r["loss_spikes"] > max(u["loss_spikes"] for u in ok):
+        fired.append("spiking")
+    if r["chosen_logp_max_drop"] > COLLAPSE_FACTOR * max(u["chosen_logp_max_drop"] for u in ok) + COLLAPSE_NATS:
+        fired.append("collapsing")
+    return fired
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson interval of a share k/n (sound at 0 of n and n of n, where the plain one is not)."""
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+def compare_shares(a, b):
+    """'steadier' where a's interval of the unstable share lies wholly below b's, 'less steady' where wholly
+    above, else 'cannot tell'."""
+    if a[1] < b[0]:
+        return "steadier"
+    return "less steady" if b[1] < a[0] else "cannot tell"
+
+
+def stress_rows(points, losses, runs):
+    """One row per setting and loss: the unstable share with its interval, the criteria, the medians."""
+    rows = []
+    for point in points:
+        for loss in losses:
+            unstressed = runs[("unstressed", loss)]
+            rs = runs[(stress_label(point), loss)]
+            criteria = [unstable(r, unstressed) for r in rs]
+            k = sum(1 for c in criteria if c)
+            finite = [r for r in rs if "broken" not in r and math.isfinite(r["val_ppl"])]
+            u_ppl = float(np.median([u["val_ppl"] for u in unstressed if "broken" not in u]))
+            rows.append({
+                "setting": stress_label(point), "overrides": point, "loss": loss, "unstable": k, "n": len(rs),
+                "unstable_share": k / len(rs), "unstable_share_ci95": wilson(k, len(rs)),
+                "criteria": {c: sum(c in cs for cs in criteria)
+                             for c in ("degenerate", "spiking", "collapsing", "broken")},
+                "val_ppl_ratio_median": float(np.median([r["val_ppl"] / u_ppl for r in finite]))
+                if finite else None,
+                "chosen_logp_max_drop_median": float(np.median([r["chosen_logp_max_drop"] for r in finite]))
+                if finite else None,
+                "runs": [{k: v for k, v in r.items() if k != "metrics"} | {"unstable": c}
+                         for r, c in zip(rs, criteria)]})
+    for row in rows:  # each loss against DPO at the same setting
+        dpo = next(r for r in rows if r["setting"] == row["setting"] and r["loss"] == "dpo")
+        row["vs_dpo"] = "" if row["loss"] == "dpo" else compare_shares(row["unstable_share_ci95"],
+                                                                       dpo["unstable_share_ci95"])
+    return rows
+
+
+def stress_table(rows):
+    head = ["setting", "loss", "unstable", "95% interval", "degenerate", "spiking", "collapsing", "broken",
+            "val_ppl / unstressed", "chosen fall (nats)", "vs DPO"]
+    table = [head]
+    for r in rows:
+        c = r["criteria"]
+        table.append([r["setting"], r["loss"], f"{r['unstable']}/{r['n']}",
+                      "[{:.2f}, {:.2f}]".format(*r["unstable_share_ci95"]),
+                      *(str(c[k]) for k in ("degenerate", "spiking", "collapsing", "broken")),
+                      "" if r["val_ppl_ratio_median"] is None else f"{r['val_ppl_ratio_median']:.2f}",
+                      "" if r["chosen_logp_max_drop_median"] is None else f"{r['chosen_logp_max_drop_median']:.2f}",
+                      r["vs_dpo"]])
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def plot_stress_curves(path, points, losses, runs):
+    """The loss and log pi - log ref of the chosen reply against step: a row per setting, a line per seed,
+    a colour per loss."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [("loss", "loss"), ("logratio/chosen", "log pi(y_w|x) - log ref(y_w|x)"),
+            ("logratio/rejected", "log pi(y_l|x) - log ref(y_l|x)")]
+    fig, axes = plt.subplots(len(points), len(keys), figsize=(15, 3.2 * len(points)), squeeze=False)
+    for row, point in zip(axes, points):
+        for ax, (key, title) in zip(row, keys):
+            for i, loss in enumerate(losses):
+                for j, r in enumerate(runs[(stress_label(point), loss)]):
+                    steps = [m["step"] for m in r["metrics"]]
+                    ax.plot(steps, [m[key] for m in r["metrics"]], color=plt.get_cmap("tab10")(i % 10),
+                            linewidth=0.8, alpha=0.7, label=loss if j == 0 else None)
+            ax.set_title(f"{stress_label(point)}: {title}", fontsize=9)
+            ax.set_xlabel("step")
+            if key == "loss":
+                ax.set_yscale("log")
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def finite_or_none(x):
+    """For JSON: a non-finite number as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite_or_none(v) for v in x]
+    return x
+
+
+def stress_sweep(s, stress, conversations, run, sft_model, tok, sets, seeds, inputs, t_start):
+    points = stress_points(parse_grid(stress))
+    losses = checks.loss_list(s)
+    out = run.path
+    print(f"stress: {len(points)} settings x {len(losses)} losses x {len(seeds)} seed(s) on the dev split "
+          f"({len(sets['human'])} human replies)")
+    runs, cache = {}, {}
+    for point in points:
+        ps = apply_overrides(s, point)
+        enc, ref = preference_inputs(ps, sft_model, tok, run, cache)
+        for loss in losses:
+            fp = artifacts.fingerprints(ps, conversations, [loss], seeds, train.CODE)
+            runs[(stress_label(point), loss)] = []
+            for seed in seeds:
+                name = f"stress_{stress_label(point).replace(' ', '_')}_{loss}_seed{seed}"
+                key = {"fingerprint": fp[checkpoint_name(loss, seed, ps.seed)], "seed": seed, "inputs": inputs,
+                       "settings": {k: v for k, v in dataclasses.asdict(ps).items() if k != "seeds"},
+                       "code": [artifacts.code_of(f) for f in (evaluate.val_ppl, evaluate.stability)]}
+                r = cached(out(f"sweep/{name}.json"), key,
+                           lambda: stress_run(ps, loss, seed, enc, ref, sets["human"], tok, run), name)
+                runs[(stress_label(point), loss)].append(r)
+                print(f"stress: {stress_label(point)}, {loss}, seed {seed}: " +
+                      (r["broken"] if "broken" in r else
+                       f"val_ppl {r['val_ppl']:.1f}, chosen fall {r['chosen_logp_max_drop']:.2f}, "
+                       f"{r['loss_spikes']} spike(s)"))
+    rows = stress_rows(points, losses, runs)
+    wall = time.time() - t_start
+    rule = {"degenerate_ppl_ratio": DEGENERATE_PPL_RATIO, "collapse_factor": COLLAPSE_FACTOR,
+            "collapse_nats": COLLAPSE_NATS, "spike": "a step's loss over 3 x the median of the 20 before it"}
+    write_text(out("stress.json"), json.dumps(finite_or_none(
+        {"split": "dev", "stress": stress, "seeds": seeds, "losses": losses, "rule": rule, "inputs": inputs,
+         "settings": dataclasses.asdict(s), "rows": rows, "wall_time_s": wall}), indent=2) + "\n")
+    table = stress_table(rows)
+    write_text(out("stress.md"),
+               f"# Stress test on the dev split ({s.preset} preset, {len(seeds)} seeds, {wall / 60:.1f} min)\n\n"
+               f"`python sweep.py --stress=\"{stress}\" --seeds={s.seeds}`\n\n{table}\n\n"
+               "unstable: runs that met a criterion of docs/stability.md, judged against the same loss's "
+               "unstressed runs; 95% Wilson interval. vs DPO: steadier or less steady where the two intervals "
+               "separate, else cannot tell. val_ppl / unstressed and chosen fall: medians over the seeds.\n")
+    plot_stress_curves(out("stress_curves.png"), points, losses, runs)
+    print(table)
+    print(f"stress test done in {wall / 60:.1f} min; stress.json, stress.md, stress_curves.png in {s.out_dir}/")
+
+
+def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs, t_start):
     points = grid_points(s, parse_grid(grid))
-    for point in points:  # every point's settings are checked before anything runs
-        checks.check_settings(apply_overrides(s, point))
-    out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
-    conversations = train.load_corpus(s)
-    seeds = [s.seed + i for i in range(s.seeds)]
-    # sft.pt and triplets.jsonl must be there and fresh, as for train.py --stages=pref
-    run = Run(s, [a for a in argv if not a.startswith("--grid=")], conversations, [], seeds, train.CODE,
-              ["pref"])
-    sft_model, tok, _ = load_checkpoint(out("sft.pt"), s.device)
-    sets = evaluate.eval_sets(s, conversations, "dev")
-    inputs = {"sft.pt": file_digest(out("sft.pt")), "triplets.jsonl": file_digest(out("triplets.jsonl"))}
-    run.lock_out_dir()
-    os.makedirs(out("sweep"), exist_ok=True)
+    out = run.path
     print(f"sweep: {len(points)} points x {len(seeds)} seed(s) on the dev split "
           f"({len(sets['adversarial'])} adversarial, {len(sets['normal'])} normal, "
           f"{len(sets['provoked'])} provoked contexts, {len(sets['human'])} human replies)")
 
-    def cached(name, settings, compute):
-        """A finished point from an earlier run of the same sweep, or compute(): the same fingerprints as
-        train.py's (settings, inputs and the code of the loss, the training and the evaluation), the same
-        seeds and the same sft.pt and triplets.jsonl."""
-        path = out(f"sweep/{name}.json")
+    def cached_point(name, settings, compute):
+        """The same fingerprints as train.py's (settings, inputs and the code of the loss, the training and
+        the evaluation), the same seeds and the same sft.pt and triplets.jsonl: reused."""
         loss = settings.loss if name != "sft" else "dpo"
         fp = artifacts.fingerprints(settings, conversations, [loss], seeds, train.CODE)
         models = ["sft"] if name == "sft" else [loss]
         key = {"fingerprints": [fp[eval_name(m, seed, settings.seed)] for seed in seeds for m in models],
                "settings": dataclasses.asdict(settings), "seeds": seeds, "inputs": inputs}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-            if saved["key"] == key:
-                print(f"sweep: {name} done earlier, reused")
-                return saved["section"]
-            print(f"sweep: {name} done earlier with other code, settings or inputs: computed again")
-        section = compute()
-        write_text(path, json.dumps({"key": key, "section": section}) + "\n")
-        return section
+        return cached(out(f"sweep/{name}.json"), key, compute, name)
 
     def sft_section():
         runs = []
@@ -213,12 +409,13 @@ def main(argv):
         return evaluate.summarize(runs)
 
     result = {"split": "dev", "seeds": seeds, "grid": grid, "inputs": inputs,
-              "settings": dataclasses.asdict(s), "sft": cached("sft", s, sft_section), "points": []}
+              "settings": dataclasses.asdict(s), "sft": cached_point("sft", s, sft_section), "points": []}
     cache = {}
     for point in points:
         name = label(point).replace(" ", "_")
-        result["points"].append(cached(name, apply_overrides(s, point),
-                                       lambda: run_point(s, point, sft_model, tok, sets, seeds, run, cache)))
+        result["points"].append(cached_point(name, apply_overrides(s, point),
+                                             lambda: run_point(s, point, sft_model, tok, sets, seeds, run,
+                                                               cache)))
     result["wall_time_s"] = time.time() - t_start
     table = sweep_table(result)
     write_text(out("sweep.json"), json.dumps(result, indent=2) + "\n")
@@ -234,6 +431,40 @@ def main(argv):
     print(table)
     print(f"sweep done in {result['wall_time_s'] / 60:.1f} min; sweep.json, sweep.md, tradeoff.png "
           f"in {s.out_dir}/")
+
+
+def main(argv):
+    t_start = time.time()
+    ours = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None
+            for a in argv if a.split("=", 1)[0] in ("--grid", "--stress")}
+    if len(ours) == 2:
+        raise ConfigError("--grid and --stress: one or the other")
+    grid = ours.get("--grid") or DEFAULT_GRID
+    stress = (ours.get("--stress") or DEFAULT_STRESS) if "--stress" in ours else None
+    argv = [a for a in argv if a.split("=", 1)[0] not in ours]
+    s = train.get_settings(argv)
+    if stress is not None:
+        if s.seeds < 2:
+            raise ConfigError("--stress needs --seeds of at least 2 (the protocol: 6): an unstable share "
+                              "of one run says nothing")
+        for point in stress_points(parse_grid(stress)):
+            checks.check_settings(apply_overrides(s, point))
+    else:
+        for point in grid_points(s, parse_grid(grid)):  # every point's settings are checked before anything
+            checks.check_settings(apply_overrides(s, point))
+    conversations = train.load_corpus(s)
+    seeds = [s.seed + i for i in range(s.seeds)]
+    # sft.pt and triplets.jsonl must be there and fresh, as for train.py --stages=pref
+    run = Run(s, argv, conversations, [], seeds, train.CODE, ["pref"])
+    sft_model, tok, _ = load_checkpoint(run.path("sft.pt"), s.device)
+    sets = evaluate.eval_sets(s, conversations, "dev")
+    inputs = {name: file_digest(run.path(name)) for name in ("sft.pt", "triplets.jsonl")}
+    run.lock_out_dir()
+    os.makedirs(run.path("sweep"), exist_ok=True)
+    if stress is not None:
+        stress_sweep(s, stress, conversations, run, sft_model, tok, sets, seeds, inputs, t_start)
+    else:
+        grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs, t_start)
 
 
 if __name__ == "__main__":
