@@ -12,7 +12,7 @@ sweep.md and tradeoff.png (adversarial toxicity against perplexity, one point pe
 marked) to --out_dir, and each finished point to --out_dir/sweep/, so a rerun of the same sweep skips what
 is done.
 
-    python sweep.py --stress="pref_lr=2e-4,8e-4 beta=0.02" --seeds=6   # is ADPO steadier than DPO?
+    python sweep.py --stress="pref_lr=2e-4,8e-4 beta=0.02 pref_iters=256" --seeds=6  # ADPO steadier than DPO?
 
 The stress test (docs/stability.md): every loss of --loss and DPO, unstressed and under each stress on its own
 (not their product), every seed; a run computes only its per-step metrics and val_ppl on the dev split, and is
@@ -195,7 +195,7 @@ def plot_tradeoff(path, result):
 # ----------------------------------------------------------------------------------------------------------
 # the stress test (docs/stability.md): where DPO goes wrong, does ADPO go wrong less often?
 
-DEFAULT_STRESS = "pref_lr=2e-4,8e-4 beta=0.02"
+DEFAULT_STRESS = "pref_lr=2e-4,8e-4 beta=0.02 pref_iters=256"
 DEGENERATE_PPL_RATIO = 1.5  # degenerate: val_ppl over 1.5 x the median of the loss's unstressed runs
 COLLAPSE_FACTOR, COLLAPSE_NATS = 2.0, 1.0  # collapsing: the chosen reply falls over 2 x U's largest fall + 1
 
