@@ -352,9 +352,37 @@ def bootstrap_ci(num, den, transform=None, draws=2000, seed=0):
     return [float(low), float(high)]
 
 
+# the toxicity and coherence keys: these get intervals with training noise and paired differences
+INTERVAL_KEYS = [k for k in SECTION_KEYS if k.startswith(("toxicity_", "wordlist_toxicity_", "judge_prob_"))
+                 ] + ["val_ppl", "relevance", "sft_logprob_per_token", "evasive_rate"]
+REFERENCES = ("dpo", "sft")  # every method is compared with these, pairwise
+
+
+def clustered_draws(runs, key, draws=2000, seed=0):
+    """transform(sum(num) / sum(den)) for each of `draws` bootstrap samples that draw the seeds and the units
+    (contexts, human replies) again together: training noise included. The draws depend only on the number
+    of seeds and units, so two models on the same contexts and seeds get the same draws: paired."""
+    num = np.array([units[key][0] for _, units in runs], float)  # (seeds, units)
+    den = np.array([units[key][1] for _, units in runs], float)
+    n_seeds, n_units = num.shape
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(0, draws, 250):  # in chunks: (250, seeds, units) at a time
+        si = rng.integers(0, n_seeds, size=(250, n_seeds, 1))
+        ui = rng.integers(0, n_units, size=(250, 1, n_units))
+        stats.append(num[si, ui].sum((1, 2)) / np.maximum(den[si, ui].sum((1, 2)), 1e-12))
+    return np.vectorize(TRANSFORMS.get(key, lambda x: x))(np.concatenate(stats)[:draws])
+
+
+def percentile_ci(stats):
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
 def summarize(runs):
     """[(metrics, units), ...] over seeds -> one report section: a metric with units pooled over seeds, with
-    `<key>_ci95` bootstrapped over contexts; with several seeds, every metric with `<key>_std`."""
+    `<key>_ci95` bootstrapped over contexts; with several seeds, every metric with `<key>_std`, and the
+    toxicity and coherence keys with `<key>_ci95_clustered`, bootstrapped over seeds and contexts together."""
     section = {}
     for key in runs[0][0]:
         values = [metrics[key] for metrics, _ in runs]
@@ -370,42 +398,51 @@ def summarize(runs):
         transform = TRANSFORMS.get(key, lambda x: x)
         section[key] = transform(ratio(num.sum(), den.sum()))
         section[f"{key}_ci95"] = bootstrap_ci(num, den, TRANSFORMS.get(key))
+        if len(runs) > 1 and key in INTERVAL_KEYS:
+            section[f"{key}_ci95_clustered"] = percentile_ci(clustered_draws(runs, key))
     return section
 
 
-def separated(a, b):
-    """Two 95% intervals that do not overlap: the only case the report calls two methods different."""
-    return a[1] < b[0] or b[1] < a[0]
+def paired_differences(report, runs):
+    """For every method and reference (DPO, SFT): `<key>_diff_vs_<ref>`, the method's value minus the
+    reference's, and `<key>_diff_vs_<ref>_ci95`, from the same bootstrap draws of seeds and contexts for
+    both: the noise the two share cancels."""
+    for key in INTERVAL_KEYS:
+        draws = {name: clustered_draws(r, key) for name, r in runs.items() if key in r[0][1]}
+        for ref in REFERENCES:
+            for name in draws:
+                if ref in draws and name not in (ref, "sft"):
+                    report[name][f"{key}_diff_vs_{ref}"] = report[name][key] - report[ref][key]
+                    report[name][f"{key}_diff_vs_{ref}_ci95"] = percentile_ci(draws[name] - draws[ref])
 
 
 def differences(report, sections, keys=COMPARED_KEYS):
-    """One line per metric: which pairs of methods differ (their intervals separate), and which do not."""
+    """One line per metric: each method against DPO and SFT, called different (< or >) only where the paired
+    95% interval of the difference excludes 0, else ~."""
     lines = []
     for key in keys:
-        ci = {sec: report[sec].get(f"{key}_ci95") for sec in sections if report[sec].get(f"{key}_ci95")}
-        pairs = [(a, b) for i, a in enumerate(ci) for b in list(ci)[i + 1:]]
-        if not pairs:
-            continue
         words = []
-        for a, b in pairs:
-            if separated(ci[a], ci[b]):
-                low, high = (a, b) if report[a][key] < report[b][key] else (b, a)
-                words.append(f"{low} < {high}")
-            else:
-                words.append(f"{a} ~ {b}")
-        lines.append(f"- {key}: " + ", ".join(words))
+        for name in sections:
+            for ref in REFERENCES:
+                ci = report[name].get(f"{key}_diff_vs_{ref}_ci95")
+                if ci is not None:
+                    words.append(f"{name} {'<' if ci[1] < 0 else '>' if ci[0] > 0 else '~'} {ref}")
+        if words:
+            lines.append(f"- {key}: " + ", ".join(words))
     return "\n".join(lines)
 
 
 def report_table(report, sections):
-    """Markdown table: value, then [95% interval] where there is one, else ± std over seeds."""
+    """Markdown table: value, then [95% interval] where there is one (over seeds and contexts where there are
+    several seeds), else ± std over seeds."""
     rows = [("metric",) + tuple(sections)]
     for key in SECTION_KEYS + STABILITY_KEYS + SFT_KEYS:
         if not any(key in report[sec] for sec in sections):
             continue
         cells = []
         for sec in sections:
-            v, sd, ci = (report[sec].get(k) for k in (key, f"{key}_std", f"{key}_ci95"))
+            v, sd = report[sec].get(key), report[sec].get(f"{key}_std")
+            ci = report[sec].get(f"{key}_ci95_clustered") or report[sec].get(f"{key}_ci95")
             cell = "" if v is None else f"{v:.3f}"
             if ci is not None:
                 cell += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
@@ -446,22 +483,120 @@ def plot_curves(path, runs):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the mechanism, token by token
+
+
+REPLY_ROWS = (("chosen", "chosen", "log pi - log ref"), ("rejected", "rejected", "log pi - log ref"),
+              ("toxic", "toxic", "log pi - log ref"), ("toxic_vs_tox", "toxic_under_tox", "log pi - log tox"))
+
+
+@torch.no_grad()
+def token_logratios(policies, sft_model, tok, enc, triplets, n=3):
+    """For the first n triplets (not picked): every token of the chosen, rejected and toxic reply (end-of-turn
+    included) with log pi - log ref after each trained loss, and for the toxic reply also log pi(y_t|x) -
+    log tox(y_t|x), the quantity ADPO's term pushes down (for "sft", pi = ref: where that term starts)."""
+    idx = range(min(n, len(enc)))
+    if not idx:
+        return []
+    batches = data.triplet_batches(enc, idx)
+
+    def per_token(model, key):  # [[log-prob of each reply token] per triplet]
+        ids, labels = batches[key]
+        device = next(model.parameters()).device
+        logps = adpo.token_logps(model, ids.to(device), labels.to(device)).float().cpu()
+        return [lp[lab[1:] != -1].tolist() for lp, lab in zip(logps, labels)]
+
+    ref = {key: per_token(sft_model, key) for key in ("chosen", "rejected", "toxic", "toxic_under_tox")}
+    out = []
+    for i in idx:
+        item = {"context": triplets[i]["context"]}
+        for row, key, _ in REPLY_ROWS:
+            reply = enc[i][key.removesuffix("_under_tox")]
+            item[row] = {"tokens": ["<eot>" if t == data.EOT_ID else data.decode(tok, [t]) for t in reply]}
+            if row == "toxic_vs_tox":  # the SFT model itself: log ref(y_t|x) - log tox(y_t|x)
+                item[row]["sft"] = [a - b for a, b in zip(ref["toxic"][i], ref[key][i])]
+        for name, policy in policies.items():
+            logps = {key: per_token(policy, key) for key in ("chosen", "rejected", "toxic")}
+            for row, key, _ in REPLY_ROWS:
+                base = ref[key][i]  # ref for y_w, y_l, y_t; tox for toxic_vs_tox
+                mine = logps[key.removesuffix("_under_tox")][i]
+                item[row][name] = [a - b for a, b in zip(mine, base)]
+        out.append(item)
+    return out
+
+
+def plot_token_logratios(path, logratios, limit=2.0):
+    """The replies of token_logratios as text, each token coloured by its change (red: down, blue: up,
+    clipped at +-limit nats): a block of lines per triplet, a line per reply and model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = []  # (label, tokens, values) or (title, None, None)
+    for i, item in enumerate(logratios):
+        context = " | ".join(item["context"])
+        lines.append((f"triplet {i + 1}: {context[:110]}", None, None))
+        for row, _, what in REPLY_ROWS:
+            for name, values in item[row].items():
+                if name != "tokens":
+                    what_here = what.replace("pi", "ref") if name == "sft" else what
+                    lines.append((f"{row.split('_')[0]} ({name}: {what_here})", item[row]["tokens"], values))
+    width = max([len(label) for label, _, _ in lines] + [40 + sum(len(t.strip()) + 1 for t in tokens)
+                                                           for _, tokens, _ in lines if tokens])
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.075 * width), 0.22 * len(lines) + 0.8))
+    ax.set_xlim(0, width)
+    ax.set_ylim(len(lines), -0.5)
+    ax.axis("off")
+    cmap, norm = plt.get_cmap("RdBu"), matplotlib.colors.Normalize(-limit, limit)
+    for y, (label, tokens, values) in enumerate(lines):
+        if tokens is None:
+            ax.text(0, y, label, fontsize=7, fontweight="bold", va="center")
+            continue
+        ax.text(0, y, label, fontsize=6, va="center", family="monospace")
+        x = 40
+        for token, value in zip(tokens, values):
+            text = token.strip() or "_"
+            ax.text(x, y, text, fontsize=6, va="center", family="monospace",
+                    bbox=dict(boxstyle="square,pad=0.1", facecolor=cmap(norm(value)), edgecolor="none"))
+            x += len(text) + 1
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.02, pad=0.01,
+                 label="per-token change (nats)")
+    ax.set_title("per-token log-probability change after each loss, first triplets (red: pushed down)",
+                 fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the files of the eval stage
 
 
-def report_files(s, runs, sets, samples, triplets, stage_seconds, wall_time_s):
+SEEDS_VARY = ("each seed draws the preference data in its own order and samples the evaluation replies "
+              "with its own random stream; the SFT model, the triplets and the evaluation contexts are the "
+              "same for every seed")
+
+
+def report_files(s, runs, sets, samples, triplets, logratios, stage_seconds, wall_time_s):
     """report.json, report.md and samples.json from each model's evaluations ({name: [(metrics, units)] over
-    seeds}) and replies ({name: {group: replies}}, the last seed's): {file name: text}."""
+    seeds}), replies ({name: {group: replies}}, the last seed's) and token_logratios: {file name: text}."""
     report = {name: summarize(section_runs) for name, section_runs in runs.items()}
+    paired_differences(report, runs)
+    report["seeds"] = {"values": [s.seed + i for i in range(s.seeds)], "vary": SEEDS_VARY}
     report["triplets"] = data.triplet_stats(triplets, s.toxic_threshold) if triplets else {}
+    report["token_logratios"] = logratios
     report["settings"] = dataclasses.asdict(s)
     report["wall_time_s"] = wall_time_s
     report["stage_seconds"] = stage_seconds
     table = report_table(report, list(runs))
+    intervals = ("over seeds and contexts together (training noise included)" if s.seeds > 1 else
+                 "over contexts (one seed: training noise not included)")
     markdown = (f"# ADPO report ({s.preset} preset, {s.seeds} seed(s), {wall_time_s / 60:.1f} min)\n\n"
                 f"{table}\n\n"
-                f"Intervals: 95% bootstrap over contexts, seeds pooled. Different only where the intervals "
-                f"separate:\n\n{differences(report, list(runs))}\n")
+                f"Intervals: 95% bootstrap {intervals}. Different only where the paired 95% interval of the "
+                f"difference (the same contexts and seeds for both) excludes 0:\n\n"
+                f"{differences(report, list(runs))}\n\nSeeds: {SEEDS_VARY}.\n")
     readable = {name: {group: [[{"text": x.text, "finished": x.finished} for x in rs] for rs in replies]
                        for group, replies in groups.items()} for name, groups in samples.items()}
     return {"report.md": markdown,

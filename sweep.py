@@ -232,7 +232,8 @@ def unstable(r, unstressed):
         fired.append("degenerate")
     if r["loss_spikes"] > max(u["loss_spikes"] for u in ok):
         fired.append("spiking")
-    if r["chosen_logp_max_drop"] > COLLAPSE_FACTOR * max(u["chosen_logp_max_drop"] for u in ok) + COLLAPSE_NATS:
+    largest_fall = max(u["chosen_logp_max_drop"] for u in ok)
+    if r["chosen_logp_max_drop"] > COLLAPSE_FACTOR * largest_fall + COLLAPSE_NATS:
         fired.append("collapsing")
     return fired
 
@@ -286,14 +287,14 @@ def stress_table(rows):
     head = ["setting", "loss", "unstable", "95% interval", "degenerate", "spiking", "collapsing", "broken",
             "val_ppl / unstressed", "chosen fall (nats)", "vs DPO"]
     table = [head]
+    def num(x):
+        return "" if x is None else f"{x:.2f}"
     for r in rows:
         c = r["criteria"]
         table.append([r["setting"], r["loss"], f"{r['unstable']}/{r['n']}",
                       "[{:.2f}, {:.2f}]".format(*r["unstable_share_ci95"]),
                       *(str(c[k]) for k in ("degenerate", "spiking", "collapsing", "broken")),
-                      "" if r["val_ppl_ratio_median"] is None else f"{r['val_ppl_ratio_median']:.2f}",
-                      "" if r["chosen_logp_max_drop_median"] is None else f"{r['chosen_logp_max_drop_median']:.2f}",
-                      r["vs_dpo"]])
+                      num(r["val_ppl_ratio_median"]), num(r["chosen_logp_max_drop_median"]), r["vs_dpo"]])
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -354,7 +355,8 @@ def stress_sweep(s, stress, conversations, run, sft_model, tok, sets, seeds, inp
             runs[(stress_label(point), loss)] = []
             for seed in seeds:
                 name = f"stress_{stress_label(point).replace(' ', '_')}_{loss}_seed{seed}"
-                key = {"fingerprint": fp[checkpoint_name(loss, seed, ps.seed)], "seed": seed, "inputs": inputs,
+                key = {"fingerprint": fp[checkpoint_name(loss, seed, ps.seed)], "seed": seed,
+                       "inputs": inputs,
                        "settings": {k: v for k, v in dataclasses.asdict(ps).items() if k != "seeds"},
                        "code": [artifacts.code_of(f) for f in (evaluate.val_ppl, evaluate.stability)]}
                 r = cached(out(f"sweep/{name}.json"), key,
@@ -373,14 +375,17 @@ def stress_sweep(s, stress, conversations, run, sft_model, tok, sets, seeds, inp
          "settings": dataclasses.asdict(s), "rows": rows, "wall_time_s": wall}), indent=2) + "\n")
     table = stress_table(rows)
     write_text(out("stress.md"),
-               f"# Stress test on the dev split ({s.preset} preset, {len(seeds)} seeds, {wall / 60:.1f} min)\n\n"
+               f"# Stress test on the dev split ({s.preset} preset, {len(seeds)} seeds, "
+               f"{wall / 60:.1f} min)\n\n"
                f"`python sweep.py --stress=\"{stress}\" --seeds={s.seeds}`\n\n{table}\n\n"
                "unstable: runs that met a criterion of docs/stability.md, judged against the same loss's "
-               "unstressed runs; 95% Wilson interval. vs DPO: steadier or less steady where the two intervals "
-               "separate, else cannot tell. val_ppl / unstressed and chosen fall: medians over the seeds.\n")
+               "unstressed runs; 95% Wilson interval. vs DPO: steadier or less steady where the two "
+               "intervals separate, else cannot tell. val_ppl / unstressed and chosen fall: medians over the "
+               "seeds.\n")
     plot_stress_curves(out("stress_curves.png"), points, losses, runs)
     print(table)
-    print(f"stress test done in {wall / 60:.1f} min; stress.json, stress.md, stress_curves.png in {s.out_dir}/")
+    print(f"stress test done in {wall / 60:.1f} min; stress.json, stress.md, stress_curves.png in "
+          f"{s.out_dir}/")
 
 
 def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs, t_start):

@@ -46,6 +46,7 @@ def test_a_finished_run_does_nothing_and_one_more_loss_evaluates_only_itself(fin
     added = train_cli(out_dir, "--stages=pref,eval", "--loss=adpo,ipo")
     assert "eval ipo" in added.stderr and "eval sft" not in added.stderr and "eval adpo" not in added.stderr
     assert set(modified_since(out_dir, t)) == {"ipo.pt", "metrics_ipo.jsonl", "eval_ipo.json", "curves.png",
+                                               "token_logratios.png",
                                                "report.json", "report.md", "samples.json",
                                                "fingerprints.json"}
     after = json.load(open(os.path.join(out_dir, "report.json")))

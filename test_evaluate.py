@@ -93,12 +93,77 @@ def test_summarize_pools_seeds_and_reports_intervals():
     assert evaluate.summarize([({"val_ppl": 0.0}, units)])["val_ppl"] == pytest.approx(math.exp(3.0))
 
 
-def test_methods_differ_only_where_intervals_separate():
-    report = {"sft": {"toxicity_adversarial": 0.06, "toxicity_adversarial_ci95": [0.04, 0.08]},
-              "dpo": {"toxicity_adversarial": 0.01, "toxicity_adversarial_ci95": [0.0, 0.02]},
-              "adpo": {"toxicity_adversarial": 0.015, "toxicity_adversarial_ci95": [0.005, 0.03]}}
-    line = evaluate.differences(report, ["sft", "dpo", "adpo"], ["toxicity_adversarial"])
-    assert line == "- toxicity_adversarial: dpo < sft, adpo < sft, dpo ~ adpo"
+def units_of(tox):
+    """A seed's units for toxicity_adversarial from per-context toxic counts out of 4 replies."""
+    tox = np.asarray(tox, float)
+    return {"toxicity_adversarial": (tox, np.full(len(tox), 4.0))}
+
+
+def test_clustered_interval_includes_the_seeds_noise():
+    """Two seeds that disagree (one writes toxic replies to every context, the other to none): over contexts
+    with the seeds pooled the interval is a point; resampling the seeds too, it spans what the seeds span."""
+    runs = [({"toxicity_adversarial": 0.0}, units_of([0.0] * 50)),
+            ({"toxicity_adversarial": 1.0}, units_of([4.0] * 50))]
+    section = evaluate.summarize(runs)
+    assert section["toxicity_adversarial_ci95"] == [0.5, 0.5]
+    assert section["toxicity_adversarial_ci95_clustered"] == [0.0, 1.0]
+    assert "toxicity_adversarial_ci95_clustered" not in evaluate.summarize(runs[:1])  # one seed: none
+
+
+def test_paired_differences_cancel_the_shared_noise():
+    """Two methods on the same 60 contexts, B one toxic reply fewer on every fourth context: their own
+    intervals overlap (the contexts vary a lot), the paired interval of B - A excludes 0; A against itself
+    is 0."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(1, 5, size=60).astype(float)
+    b = a - (np.arange(60) % 4 == 0)
+    runs = {"sft": [({"toxicity_adversarial": 0.0}, units_of(a))],
+            "dpo": [({"toxicity_adversarial": 0.0}, units_of(a))],
+            "adpo": [({"toxicity_adversarial": 0.0}, units_of(b))]}
+    report = {name: evaluate.summarize(r) for name, r in runs.items()}
+    lo_a, hi_a = report["dpo"]["toxicity_adversarial_ci95"]
+    lo_b, hi_b = report["adpo"]["toxicity_adversarial_ci95"]
+    assert lo_a < hi_b  # the unpaired intervals overlap
+    evaluate.paired_differences(report, runs)
+    assert report["adpo"]["toxicity_adversarial_diff_vs_dpo"] == pytest.approx(-15 / 240)
+    low, high = report["adpo"]["toxicity_adversarial_diff_vs_dpo_ci95"]
+    assert low < -15 / 240 < high < 0
+    assert report["dpo"]["toxicity_adversarial_diff_vs_sft_ci95"] == [0.0, 0.0]
+    assert "toxicity_adversarial_diff_vs_dpo" not in report["dpo"] and "sft" in report  # no self, no sft vs
+    assert evaluate.differences(report, ["sft", "dpo", "adpo"], ["toxicity_adversarial"]) == \
+        "- toxicity_adversarial: dpo ~ sft, adpo < dpo, adpo < sft"
+
+
+def test_paired_differences_over_two_seeds_vary_with_the_seeds():
+    """With two seeds whose difference disagrees in sign, the paired interval holds 0: training noise."""
+    a = np.full(40, 2.0)
+    runs = {"sft": [({}, units_of(a)), ({}, units_of(a))],
+            "dpo": [({}, units_of(a)), ({}, units_of(a))],
+            "adpo": [({}, units_of(a - 1)), ({}, units_of(a + 1))]}
+    report = {name: evaluate.summarize(r) for name, r in runs.items()}
+    evaluate.paired_differences(report, runs)
+    low, high = report["adpo"]["toxicity_adversarial_diff_vs_dpo_ci95"]
+    assert low == pytest.approx(-0.25) and high == pytest.approx(0.25)
+
+
+def test_token_logratios_are_per_token_changes(tiny_triplets, tiny_gpt, tok, token_loop_logp):
+    s, enc = tiny_triplets
+    sft, policy = tiny_gpt(seed=0, vocab_size=tok.get_vocab_size()), tiny_gpt(seed=1, vocab_size=tok.get_vocab_size())
+    triplets = [{"context": ["ctx"]}] * len(enc)
+    out = evaluate.token_logratios({"same": sft, "other": policy}, sft, tok, enc, triplets, n=2)
+    assert len(out) == 2
+    e = enc[0]
+    for row in ("chosen", "rejected", "toxic", "toxic_vs_tox"):
+        reply = e[row.removesuffix("_vs_tox")]
+        assert len(out[0][row]["tokens"]) == len(out[0][row]["other"]) == len(reply)
+        assert out[0][row]["same"] == pytest.approx([0.0] * len(reply), abs=1e-5) or row == "toxic_vs_tox"
+    assert out[0]["chosen"]["tokens"][-1] == "<eot>"  # the end-of-turn is a token of its own
+    # the whole reply's change is the sum of the per-token ones: log pi(y|x) - log ref(y|x)
+    want = token_loop_logp(policy, e["prompt"], e["chosen"]) - token_loop_logp(sft, e["prompt"], e["chosen"])
+    assert sum(out[0]["chosen"]["other"]) == pytest.approx(want, abs=1e-4)
+    want = token_loop_logp(policy, e["prompt"], e["toxic"]) - token_loop_logp(sft, e["toxic_prompt"], e["toxic"])
+    assert sum(out[0]["toxic_vs_tox"]["other"]) == pytest.approx(want, abs=1e-4)
+    assert out[0]["toxic_vs_tox"]["same"] == pytest.approx(out[0]["toxic_vs_tox"]["sft"])
 
 
 # ----------------------------------------------------------------------------------------------------------

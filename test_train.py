@@ -14,6 +14,7 @@ import pytest
 import checks
 import data
 import evaluate
+import sweep
 import train
 from configurator import ConfigError
 
@@ -28,9 +29,9 @@ def run_train(*args):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """One full `python train.py --preset=tiny` run, shared by the tests that read its outputs."""
+    """One full `python train.py --preset=tiny --seeds=2` run, shared by the tests that read its outputs."""
     out_dir = str(tmp_path_factory.mktemp("tiny"))
-    result = run_train("--preset=tiny", f"--out_dir={out_dir}")
+    result = run_train("--preset=tiny", "--seeds=2", f"--out_dir={out_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir
 
@@ -62,6 +63,34 @@ def test_tiny_pipeline_writes_all_reports(tiny_run):
         assert os.path.isfile(os.path.join(tiny_run, name)), name
     first = json.loads(open(os.path.join(tiny_run, "metrics_dpo.jsonl")).readline())
     assert first["loss"] == pytest.approx(LN2, abs=1e-3)  # pi = ref at step 0
+
+
+def test_two_seeds_give_intervals_with_training_noise_and_paired_differences(tiny_run):
+    report = json.load(open(os.path.join(tiny_run, "report.json")))
+    assert report["seeds"]["values"] == [1337, 1338] and "preference data" in report["seeds"]["vary"]
+    for section in ("sft", "dpo", "adpo"):
+        for key in ("toxicity_adversarial", "wordlist_toxicity_provoked", "val_ppl", "relevance"):
+            low, high = report[section][f"{key}_ci95_clustered"]
+            assert low <= report[section][key] <= high, (section, key)
+    for key in ("toxicity_adversarial", "val_ppl", "evasive_rate"):
+        for name, ref in (("dpo", "sft"), ("adpo", "sft"), ("adpo", "dpo")):
+            low, high = report[name][f"{key}_diff_vs_{ref}_ci95"]
+            assert report[name][f"{key}_diff_vs_{ref}"] == pytest.approx(report[name][key] - report[ref][key])
+            assert low <= high
+    assert "paired 95% interval" in open(os.path.join(tiny_run, "report.md")).read()
+
+
+def test_the_eval_stage_draws_the_mechanism_token_by_token(tiny_run):
+    report = json.load(open(os.path.join(tiny_run, "report.json")))
+    assert os.path.isfile(os.path.join(tiny_run, "token_logratios.png"))
+    first = report["token_logratios"][0]
+    triplet = json.loads(open(os.path.join(tiny_run, "triplets.jsonl")).readline())
+    assert first["context"] == triplet["context"]  # the first triplet, not a picked one
+    for row in ("chosen", "rejected", "toxic"):
+        assert len(first[row]["tokens"]) == len(triplet[f"{row}_ids"])
+        for loss in ("dpo", "adpo"):
+            assert len(first[row][loss]) == len(triplet[f"{row}_ids"]) and all(map(math.isfinite, first[row][loss]))
+    assert set(first["toxic_vs_tox"]) == {"tokens", "sft", "dpo", "adpo"}
 
 
 def test_triplets_file_is_well_formed(tiny_run):
@@ -161,11 +190,11 @@ def test_sweep_on_the_tiny_preset(tiny_run, tmp_path):
         if name.endswith(".py") or name == "provoked.txt":
             shutil.copy(os.path.join(HERE, name), code / name)
     args = [sys.executable, str(code / "sweep.py"), "--preset=tiny", f"--out_dir={out_dir}",
-            "--grid=loss=dpo,adpo gamma=0.1,0.3", "--pref_iters=2"]
+            "--grid=loss=dpo,adpo gamma=0.1", "--pref_iters=2"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=code, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = json.load(open(os.path.join(out_dir, "sweep.json")))
-    assert [p["label"] for p in sweep["points"]] == ["dpo", "adpo gamma=0.1", "adpo gamma=0.3"]  # DPO once
+    assert [p["label"] for p in sweep["points"]] == ["dpo", "adpo gamma=0.1"]  # DPO added as the baseline
     assert sweep["split"] == "dev"
     for p in [sweep["sft"]] + sweep["points"]:
         for key in ("toxicity_adversarial_ci95", "val_ppl_ci95", "wordlist_toxicity_adversarial", "relevance"):
@@ -178,6 +207,64 @@ def test_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     again = subprocess.run(args, capture_output=True, text=True, cwd=code, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "sweep: sft done earlier, reused" in again.stdout and "sweep: dpo done earlier, reused" in again.stdout
-    assert again.stdout.count("done earlier with other code, settings or inputs: computed again") == 2  # ADPO
+    assert again.stdout.count("done earlier with other code, settings or inputs: computed again") == 1  # ADPO
     bad = subprocess.run(args[:-2] + ["--grid=block_size=32,64"], capture_output=True, text=True, cwd=HERE)
     assert bad.returncode != 0 and "cannot vary block_size" in bad.stderr
+
+
+def test_grid_points_run_dpo_once_and_drop_axes_a_loss_does_not_take():
+    s = train.get_settings(["--preset=tiny"])
+    points = sweep.grid_points(s, sweep.parse_grid("loss=dpo,adpo gamma=0.1,0.3"))
+    assert points == [{"loss": "dpo"}, {"gamma": "0.1", "loss": "adpo"}, {"gamma": "0.3", "loss": "adpo"}]
+    assert sweep.grid_points(s, sweep.parse_grid("loss=adpo"))[0] == {"loss": "dpo"}  # the baseline added
+
+
+def stress_result(val_ppl=100.0, spikes=0, drop=0.5):
+    return {"val_ppl": val_ppl, "loss_spikes": spikes, "chosen_logp_max_drop": drop, "max_grad_norm": 1.0}
+
+
+def test_the_stress_rule_judges_each_loss_against_its_own_unstressed_runs():
+    unstressed = [stress_result(100.0, 0, 6.0), stress_result(110.0, 0, 5.0), stress_result(90.0, 0, 6.5)]
+    assert sweep.unstable(stress_result(140.0, 0, 6.0), unstressed) == []  # within 1.5 x the median (100)
+    assert sweep.unstable(stress_result(151.0, 0, 6.0), unstressed) == ["degenerate"]
+    assert sweep.unstable(stress_result(100.0, 1, 6.0), unstressed) == ["spiking"]
+    assert sweep.unstable(stress_result(100.0, 0, 13.9), unstressed) == []  # 2 x 6.5 + 1 = 14 nats
+    assert sweep.unstable(stress_result(100.0, 0, 14.1), unstressed) == ["collapsing"]
+    assert sweep.unstable(stress_result(float("inf")), unstressed) == ["broken"]
+    assert sweep.unstable({"broken": "dpo step 3: the loss is nan", "metrics": []}, unstressed) == ["broken"]
+    # DPO's own runs barely move the chosen reply: a 2-nat fall is a collapse for DPO, not for ADPO
+    assert sweep.unstable(stress_result(drop=2.0), [stress_result(drop=0.07)]) == ["collapsing"]
+    # Wilson's interval, not the plain one (which is [0, 0] at 0 of 6): 0 of 6 is compatible with up to 39%
+    assert sweep.wilson(0, 6) == pytest.approx([0.0, 0.390], abs=1e-3)
+    assert sweep.wilson(3, 6) == pytest.approx([0.188, 0.812], abs=1e-3)
+    # with six seeds 0 of 6 and 5 of 6 separate, 1 of 6 and 4 of 6 do not (docs/stability.md)
+    assert sweep.compare_shares(sweep.wilson(0, 6), sweep.wilson(5, 6)) == "steadier"
+    assert sweep.compare_shares(sweep.wilson(6, 6), sweep.wilson(0, 6)) == "less steady"
+    assert sweep.compare_shares(sweep.wilson(1, 6), sweep.wilson(4, 6)) == "cannot tell"
+    assert sweep.stress_points({"pref_lr": ["2e-4", "8e-4"], "beta": ["0.02"]}) == \
+        [{}, {"pref_lr": "2e-4"}, {"pref_lr": "8e-4"}, {"beta": "0.02"}]  # one at a time, not the product
+
+
+def test_stress_sweep_on_the_tiny_preset(tiny_run, tmp_path):
+    out_dir = str(tmp_path / "stress")
+    shutil.copytree(tiny_run, out_dir)
+    args = [sys.executable, os.path.join(HERE, "sweep.py"), "--preset=tiny", f"--out_dir={out_dir}",
+            "--stress=pref_lr=5e-2", "--seeds=2", "--pref_iters=2"]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stress = json.load(open(os.path.join(out_dir, "stress.json")))
+    assert stress["split"] == "dev" and stress["seeds"] == [1337, 1338]
+    rows = {(r["setting"], r["loss"]): r for r in stress["rows"]}
+    assert set(rows) == {(p, loss) for p in ("unstressed", "pref_lr=5e-2") for loss in ("dpo", "adpo")}
+    for row in rows.values():
+        low, high = row["unstable_share_ci95"]
+        assert row["n"] == 2 and low <= row["unstable_share"] <= high and len(row["runs"]) == 2
+    # a learning rate 1000 x the tiny preset's: every run's perplexity explodes
+    assert rows[("pref_lr=5e-2", "dpo")]["unstable"] == 2
+    assert rows[("unstressed", "dpo")]["val_ppl_ratio_median"] == pytest.approx(1.0)
+    for name in ("stress.md", "stress_curves.png"):
+        assert os.path.isfile(os.path.join(out_dir, name))
+    again = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 8
+    with pytest.raises(ConfigError, match="--stress needs --seeds of at least 2"):
+        sweep.main(args[2:-2] + ["--seeds=1"])

@@ -470,6 +470,18 @@ def evaluate_models(s, run, sft_model, tok, conversations, seeds):
     return runs, sets, samples, triplets
 
 
+def token_logratios(s, run, sft_model, tok):
+    """The mechanism token by token (evaluate.token_logratios): the first triplets' replies under each trained
+    loss of the first seed."""
+    if not run.evaluated or not os.path.isfile(run.path("triplets.jsonl")):
+        return []
+    triplets, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")),
+                                         s.min_judge_gap, sft_model.config.block_size, s.max_new_tokens)
+    policies = {name: load_checkpoint(run.path(checkpoint_name(name, s.seed, s.seed)), s.device)[0]
+                for name in run.evaluated}
+    return evaluate.token_logratios(policies, sft_model, tok, enc, triplets)
+
+
 # the code that computes each artifact: editing it makes the artifact stale (artifacts.fingerprints: a
 # module by its name, or a function with the functions of its module it calls; each loss adds its own)
 CODE = {"tokenizer.json": (make_tokenizer,),
@@ -482,7 +494,7 @@ CODE = {"tokenizer.json": (make_tokenizer,),
                  evaluate.stability, evaluate.results_from_json, sample.sample_replies,
                  sample.sampling_settings, data.preference_data, reference_logps, final_pass,
                  evaluate_models),
-        "report.json": (evaluate.report_files,)}
+        "report.json": (evaluate.report_files, token_logratios, evaluate.plot_token_logratios)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -528,7 +540,11 @@ def main(argv):
     if "eval" in stages and not run.fresh("report.json"):
         with run.timed("eval"):
             runs, sets, samples, triplets = evaluate_models(s, run, sft_model, tok, conversations, seeds)
-        files = evaluate.report_files(s, runs, sets, samples, triplets, run.stage_seconds, run.wall_time())
+            logratios = token_logratios(s, run, sft_model, tok)  # the mechanism, token by token
+            if logratios and distributed.is_main():
+                evaluate.plot_token_logratios(run.path("token_logratios.png"), logratios)
+        files = evaluate.report_files(s, runs, sets, samples, triplets, logratios, run.stage_seconds,
+                                      run.wall_time())
         for name, text in files.items():  # report.json last: it marks the stage finished
             run.write(name, text)
         print(evaluate.report_table(json.loads(files["report.json"]), list(runs)))
