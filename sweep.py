@@ -324,7 +324,7 @@ def plot_stress_curves(path, points, losses, runs):
         row[0].legend(fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    fig.savefig(tmp, dpi=70)
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -340,7 +340,7 @@ def finite_or_none(x):
     return x
 
 
-def stress_sweep(s, stress, conversations, run, sft_model, tok, sets, seeds, inputs, t_start):
+def stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, seeds, inputs, t_start):
     points = stress_points(parse_grid(stress))
     losses = checks.loss_list(s)
     out = run.path
@@ -377,7 +377,7 @@ def stress_sweep(s, stress, conversations, run, sft_model, tok, sets, seeds, inp
     write_text(out("stress.md"),
                f"# Stress test on the dev split ({s.preset} preset, {len(seeds)} seeds, "
                f"{wall / 60:.1f} min)\n\n"
-               f"`python sweep.py --stress=\"{stress}\" --seeds={s.seeds}`\n\n{table}\n\n"
+               f"`python sweep.py {command}`\n\n{table}\n\n"
                "unstable: runs that met a criterion of docs/stability.md, judged against the same loss's "
                "unstressed runs; 95% Wilson interval. vs DPO: steadier or less steady where the two "
                "intervals separate, else cannot tell. val_ppl / unstressed and chosen fall: medians over the "
@@ -467,7 +467,8 @@ def main(argv):
     run.lock_out_dir()
     os.makedirs(run.path("sweep"), exist_ok=True)
     if stress is not None:
-        stress_sweep(s, stress, conversations, run, sft_model, tok, sets, seeds, inputs, t_start)
+        command = f"--stress=\"{stress}\" " + " ".join(argv)
+        stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, seeds, inputs, t_start)
     else:
         grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs, t_start)
 

@@ -80,7 +80,9 @@ def test_a_second_run_in_the_same_out_dir_stops_naming_the_first(finished, tmp_p
 def test_ctrl_c_ends_in_one_line_that_says_where_the_rerun_resumes(tmp_path):
     out_dir = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *RUN, f"--out_dir={out_dir}",
-                             "--sft_iters=2000", "--stages=sft"], stderr=subprocess.PIPE, text=True, cwd=HERE)
+                             "--sft_iters=2000", "--stages=sft"], stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            # a shell that starts pytest in the background makes it ignore SIGINT: not the child
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out_dir, "sft.resume.pt")):
         assert proc.poll() is None and time.time() < deadline

@@ -264,7 +264,5 @@ def test_stress_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     assert rows[("unstressed", "dpo")]["val_ppl_ratio_median"] == pytest.approx(1.0)
     for name in ("stress.md", "stress_curves.png"):
         assert os.path.isfile(os.path.join(out_dir, name))
-    again = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 8
     with pytest.raises(ConfigError, match="--stress needs --seeds of at least 2"):
         sweep.main(args[2:-2] + ["--seeds=1"])

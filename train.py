@@ -101,7 +101,7 @@ class Settings:
     pref_warmup_iters: int = 10
     diag_interval: int = 4  # every this many steps, log each reply's share of the gradient
     checkpoint_interval: int = 50  # SFT and preference steps between resume states (NAME.resume.pt)
-    seeds: int = 1  # repeat the preference stages and their evaluation with this many seeds
+    seeds: int = 1  # the preference stage and evaluation again per seed: its own data order and sampling
     # evaluation
     eval_contexts: int = 128  # adversarial contexts, and as many normal ones (and the provoked turns)
     eval_samples: int = 4  # replies per context
