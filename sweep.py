@@ -123,6 +123,11 @@ def run_point(s, point, sft_model, tok, sets, seeds, run, cache):
     return {"label": label(point), "overrides": point, "n_triplets": len(enc), **evaluate.summarize(runs)}
 
 
+def artifact_settings(s):
+    """The settings a result depends on: not the out_dir's spelling, the stages, the device, ..."""
+    return {k: v for k, v in dataclasses.asdict(s).items() if k not in artifacts.CHANGE_NO_ARTIFACT}
+
+
 def cached(path, key, compute, name):
     """A result saved at path by an earlier run with the same key (fingerprints, settings, seeds, inputs), or
     compute() saved there."""
@@ -357,7 +362,7 @@ def stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, s
                 name = f"stress_{stress_label(point).replace(' ', '_')}_{loss}_seed{seed}"
                 key = {"fingerprint": fp[checkpoint_name(loss, seed, ps.seed)], "seed": seed,
                        "inputs": inputs,
-                       "settings": {k: v for k, v in dataclasses.asdict(ps).items() if k != "seeds"},
+                       "settings": artifact_settings(ps),
                        "code": [artifacts.code_of(f) for f in (evaluate.val_ppl, evaluate.stability)]}
                 r = cached(out(f"sweep/{name}.json"), key,
                            lambda: stress_run(ps, loss, seed, enc, ref, sets["human"], tok, run), name)
@@ -402,7 +407,7 @@ def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs,
         fp = artifacts.fingerprints(settings, conversations, [loss], seeds, train.CODE)
         models = ["sft"] if name == "sft" else [loss]
         key = {"fingerprints": [fp[eval_name(m, seed, settings.seed)] for seed in seeds for m in models],
-               "settings": dataclasses.asdict(settings), "seeds": seeds, "inputs": inputs}
+               "settings": artifact_settings(settings), "seeds": seeds, "inputs": inputs}
         return cached(out(f"sweep/{name}.json"), key, compute, name)
 
     def sft_section():

@@ -264,5 +264,8 @@ def test_stress_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     assert rows[("unstressed", "dpo")]["val_ppl_ratio_median"] == pytest.approx(1.0)
     for name in ("stress.md", "stress_curves.png"):
         assert os.path.isfile(os.path.join(out_dir, name))
+    relative = [a if not a.startswith("--out_dir=") else f"--out_dir={os.path.relpath(out_dir, HERE)}" for a in args]
+    again = subprocess.run(relative, capture_output=True, text=True, cwd=HERE, timeout=600)  # the same run
+    assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 8, again.stdout[-2000:]
     with pytest.raises(ConfigError, match="--stress needs --seeds of at least 2"):
         sweep.main(args[2:-2] + ["--seeds=1"])
