@@ -450,6 +450,11 @@ def report_table(report, sections):
                 cell += f" ± {sd:.3f}"
             cells.append(cell)
         rows.append((key,) + tuple(cells))
+    return markdown_table(rows)
+
+
+def markdown_table(rows):
+    """Rows of cells (the first the header) as a Markdown table, each column as wide as its widest cell."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -162,10 +162,7 @@ def sweep_table(result):
         cells += [f"{p[k]:.2f}" if k in p else "" for k in ("final_accuracy", "toxic_grad_share")]
         cells.append("" if p["label"] == "sft" else ("yes" if meets_goal(p, sft, dpo) else "no"))
         rows.append(cells)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return evaluate.markdown_table(rows)
 
 
 def plot_tradeoff(path, result):
@@ -225,11 +222,16 @@ def stress_run(ps, loss, seed, enc, ref, human, tok, run):
             **evaluate.stability(metrics), "metrics": metrics}
 
 
+def finished(runs):
+    """The runs that ended with a finite loss and val_ppl."""
+    return [r for r in runs if "broken" not in r and math.isfinite(r["val_ppl"])]
+
+
 def unstable(r, unstressed):
     """The criteria of docs/stability.md that run r meets, judged against its own loss's unstressed runs."""
-    if "broken" in r or not math.isfinite(r["val_ppl"]):
+    if not finished([r]):
         return ["broken"]
-    ok = [u for u in unstressed if "broken" not in u and math.isfinite(u["val_ppl"])]
+    ok = finished(unstressed)
     if not ok:
         raise checks.RunError("every unstressed run of a loss broke: there is nothing to judge against")
     fired = []
@@ -267,12 +269,13 @@ def stress_rows(points, losses, runs):
             unstressed = runs[("unstressed", loss)]
             rs = runs[(stress_label(point), loss)]
             criteria = [unstable(r, unstressed) for r in rs]
-            k = sum(1 for c in criteria if c)
-            finite = [r for r in rs if "broken" not in r and math.isfinite(r["val_ppl"])]
-            u_ppl = float(np.median([u["val_ppl"] for u in unstressed if "broken" not in u]))
+            n_unstable = sum(1 for c in criteria if c)
+            finite = finished(rs)
+            u_ppl = float(np.median([u["val_ppl"] for u in finished(unstressed)]))
             rows.append({
-                "setting": stress_label(point), "overrides": point, "loss": loss, "unstable": k, "n": len(rs),
-                "unstable_share": k / len(rs), "unstable_share_ci95": wilson(k, len(rs)),
+                "setting": stress_label(point), "overrides": point, "loss": loss, "unstable": n_unstable,
+                "n": len(rs), "unstable_share": n_unstable / len(rs),
+                "unstable_share_ci95": wilson(n_unstable, len(rs)),
                 "criteria": {c: sum(c in cs for cs in criteria)
                              for c in ("degenerate", "spiking", "collapsing", "broken")},
                 "val_ppl_ratio_median": float(np.median([r["val_ppl"] / u_ppl for r in finite]))
@@ -300,10 +303,7 @@ def stress_table(rows):
                       "[{:.2f}, {:.2f}]".format(*r["unstable_share_ci95"]),
                       *(str(c[k]) for k in ("degenerate", "spiking", "collapsing", "broken")),
                       num(r["val_ppl_ratio_median"]), num(r["chosen_logp_max_drop_median"]), r["vs_dpo"]])
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in table]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return evaluate.markdown_table(table)
 
 
 def plot_stress_curves(path, points, losses, runs):
