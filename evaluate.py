@@ -367,7 +367,7 @@ def clustered_draws(runs, key, draws=2000, seed=0):
     n_seeds, n_units = num.shape
     rng = np.random.default_rng(seed)
     stats = []
-    for _ in range(0, draws, 250):  # in chunks: (250, seeds, units) at a time
+    for _ in range(0, draws, 250):  # 250 draws at a time: (250, seeds, units) arrays
         si = rng.integers(0, n_seeds, size=(250, n_seeds, 1))
         ui = rng.integers(0, n_units, size=(250, 1, n_units))
         stats.append(num[si, ui].sum((1, 2)) / np.maximum(den[si, ui].sum((1, 2)), 1e-12))
