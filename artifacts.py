@@ -4,7 +4,7 @@ so that the method's functions take plain arguments. A run can be killed, rerun 
 or handed a file from someone else; none of these may give a wrong result.
 
 - Fingerprints: out_dir/fingerprints.json records, for each finished artifact, a hash of the settings, the
-  inputs and the code it is computed from: the corpus' content for tokenizer.json, then each artifact the
+  inputs and the code it is computed from (all the project code its stage reaches: codedeps.py): the corpus' content for tokenizer.json, then each artifact the
   fingerprint of the one it is built from (tokenizer -> sft.pt -> triplets.jsonl -> dpo.pt, adpo.pt ->
   report.json). A file whose recorded fingerprint differs from this command's is stale: its stage rebuilds
   it, or, when the stage is not in --stages, the run stops before writing anything, naming the file and the
@@ -17,15 +17,11 @@ or handed a file from someone else; none of these may give a wrong result.
 - torchrun: only rank 0 writes; sampling splits the rows over the processes and gathers the replies.
 """
 
-import ast
 import fcntl
 import hashlib
-import importlib
-import inspect
 import json
 import os
 import random
-import textwrap
 import time
 from contextlib import contextmanager
 
@@ -33,6 +29,7 @@ import numpy as np
 import torch
 
 import adpo
+import codedeps
 import data
 import distributed
 import sample
@@ -71,42 +68,18 @@ def checkpoint_name(loss, seed, first_seed):
     return f"{loss}.pt" if seed == first_seed else f"{loss}_seed{seed}.pt"
 
 
-def code_of(obj, seen=None):
-    """What an edit of obj can change, as text: a module (by name) or a function without its comments and
-    docstrings, and for a function every function and plain constant of its module it uses, recursively.
-    A reworded comment changes nothing; an edited loss changes its own checkpoints only."""
-    if isinstance(obj, str) and obj.endswith(".txt"):  # a data file the code reads
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), obj), encoding="utf-8") as f:
-            return [f.read()]
-    if isinstance(obj, str):
-        obj = importlib.import_module(obj)
-    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
-    for node in ast.walk(tree):  # docstrings out; comments are not in the tree
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    parts = [ast.dump(tree)]
-    if inspect.ismodule(obj):
-        return parts
-    seen = {obj} if seen is None else seen
-    code_objects = [obj.__code__]
-    names = []
-    while code_objects:  # the function's own names and those of the functions and lambdas inside it
-        c = code_objects.pop()
-        names += c.co_names
-        code_objects += [k for k in c.co_consts if inspect.iscode(k)]
-    for name in dict.fromkeys(names):
-        value = obj.__globals__.get(name)
-        if inspect.isfunction(value) and value.__module__ == obj.__module__ and value not in seen:
-            seen.add(value)
-            parts += code_of(value, seen)
-        elif not callable(value) and not inspect.ismodule(value) and name in obj.__globals__:
-            try:
-                parts.append(json.dumps([name, value], sort_keys=True))  # a plain constant (EVASIONS, ...)
-            except TypeError:
-                pass  # not a plain value (a registry of functions: their own code is what counts)
-    return parts
+# tables the shared code reaches but does not depend on: each loss counts in its own checkpoints only
+SHARED_EXCLUDES = ("adpo.LOSSES",)
+
+
+def code_of(*roots):
+    """The code (and data files) the roots reach, with the losses' table left out (codedeps.py)."""
+    return codedeps.code_of(*roots, exclude=SHARED_EXCLUDES)
+
+
+def loss_code(loss):
+    """What an edit of loss `loss` can change: its function (or lambda, or partial) and what it reaches."""
+    return codedeps.code_of(adpo.LOSSES[loss]) if loss in adpo.LOSSES else []
 
 
 def eval_name(model, seed, first_seed):
@@ -118,7 +91,7 @@ def fingerprints(s, conversations, losses, seeds, code, evaluated=None):
     """{file name: fingerprint} of every artifact this command would write, before any is written. code: what
     computes each artifact (train.CODE). evaluated: the losses the eval step will find (default: all)."""
     def pick(name):
-        return {k: getattr(s, k) for k in DEPENDS_ON[name]}, [code_of(x) for x in code.get(name, ())]
+        return {k: getattr(s, k) for k in DEPENDS_ON[name]}, code_of(*code.get(name, ()))
 
     corpus = digest([(c.id, c.turns, c.toxic, c.split) for c in conversations])
     fp = {"tokenizer.json": digest(corpus, pick("tokenizer.json"))}
@@ -131,8 +104,7 @@ def fingerprints(s, conversations, losses, seeds, code, evaluated=None):
         fp[eval_name("sft_control", seed, s.seed)] = digest(fp["sft.pt"], evaluation, "sft_control", seed)
         for loss in losses:
             name = checkpoint_name(loss, seed, s.seed)
-            loss_code = code_of(adpo.LOSSES[loss]) if loss in adpo.LOSSES else []
-            fp[name] = digest(fp["triplets.jsonl"], pick("pref"), loss_code, loss, seed)
+            fp[name] = digest(fp["triplets.jsonl"], pick("pref"), loss_code(loss), loss, seed)
             fp[eval_name(loss, seed, s.seed)] = digest(fp[name], fp["triplets.jsonl"], evaluation, loss, seed)
     models = ["sft", "sft_control"] + list(losses if evaluated is None else evaluated)
     fp["report.json"] = digest([fp[eval_name(m, seed, s.seed)] for seed in seeds for m in models],

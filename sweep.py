@@ -363,7 +363,7 @@ def stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, s
                 key = {"fingerprint": fp[checkpoint_name(loss, seed, ps.seed)], "seed": seed,
                        "inputs": inputs,
                        "settings": artifact_settings(ps),
-                       "code": [artifacts.code_of(f) for f in (evaluate.val_ppl, evaluate.stability)]}
+                       "code": artifacts.digest(artifacts.code_of(stress_run, preference_inputs))}
                 r = cached(out(f"sweep/{name}.json"), key,
                            lambda: stress_run(ps, loss, seed, enc, ref, sets["human"], tok, run), name)
                 runs[(stress_label(point), loss)].append(r)
@@ -407,7 +407,8 @@ def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs,
         fp = artifacts.fingerprints(settings, conversations, [loss], seeds, train.CODE)
         models = ["sft"] if name == "sft" else [loss]
         key = {"fingerprints": [fp[eval_name(m, seed, settings.seed)] for seed in seeds for m in models],
-               "settings": artifact_settings(settings), "seeds": seeds, "inputs": inputs}
+               "settings": artifact_settings(settings), "seeds": seeds, "inputs": inputs,
+               "code": artifacts.digest(artifacts.code_of(grid_sweep, run_point, preference_inputs))}
         return cached(out(f"sweep/{name}.json"), key, compute, name)
 
     def sft_section():

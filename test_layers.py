@@ -10,7 +10,7 @@ import tokenize
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # lowest first: a module may import only the modules before it; the tools (sweep, bench, check_loss) come last
-LAYERS = ["configurator", "model", "data", "adpo", "distributed", "checks", "sample", "evaluate", "artifacts",
+LAYERS = ["codedeps", "configurator", "model", "data", "adpo", "distributed", "checks", "sample", "evaluate", "artifacts",
           "train", "sweep", "bench", "check_loss", "export"]
 READING_PATH = ["model.py", "data.py", "adpo.py", "sample.py", "evaluate.py"]
 MACHINERY = re.compile(r"fingerprint|chunk|resume|rank|world_size", re.IGNORECASE)

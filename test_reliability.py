@@ -2,7 +2,6 @@
 loading, one-line errors. About a minute on 2 CPU cores: every run is the tiny preset, shortened."""
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -15,11 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import adpo
 import artifacts
 import checks
 import data
-import evaluate
 import sample
 import sweep
 import train
@@ -216,35 +213,6 @@ def test_every_seed_checkpoint_is_checked_before_evaluation(finished, tmp_path, 
     message = cli_error(train.main, [*RUN, f"--out_dir={out_dir}", "--seeds=2", "--stages=eval"], monkeypatch)
     assert message.startswith(f"error: no checkpoint at {os.path.join(out_dir, 'dpo_seed1338.pt')}")
     assert snapshot(out_dir) == before  # stopped before the evaluation started
-
-
-POLICIES = ["dpo.pt", "eval_dpo.json", "adpo.pt", "eval_adpo.json"]
-DOWNSTREAM_OF_SFT = ["eval_sft.json", "eval_sft_control.json", "triplets.jsonl", *POLICIES, "report.json"]
-
-
-@pytest.mark.parametrize("edited, edit, stale", [
-    # the coursework case: a student changes ADPO's loss; DPO's checkpoint and evaluation stay fresh
-    (lambda: adpo.adpo_loss, "\n    _edited = 1\n", ["adpo.pt", "eval_adpo.json", "report.json"]),
-    (lambda: adpo.adpo_loss, "\n    # a reworded comment\n", []),  # comments and docstrings do not count
-    (lambda: adpo, "\n# a comment at the end of adpo.py\n", []),
-    (lambda: adpo, "\n\ndef nll_loss(policy_chosen_logps):\n    return -policy_chosen_logps\n", []),  # a new loss
-    # shared code, reached from the preference step through the functions it calls (concatenated_logps)
-    (lambda: adpo.token_logps, "\n    _edited = 1\n", [*POLICIES, "report.json"]),
-    (lambda: train.build_triplets, "\n    _edited = 1\n", ["triplets.jsonl", "eval_sft.json", *POLICIES,
-                                                        "report.json"]),
-    (lambda: train.train_sft, "\n    _edited = 1\n", ["sft.pt", *DOWNSTREAM_OF_SFT]),
-    (lambda: evaluate.evaluate, "\n    _edited = 1\n", ["eval_sft.json", "eval_sft_control.json",
-                                                        "eval_dpo.json", "eval_adpo.json", "report.json"]),
-    (lambda: evaluate.report_table, "\n    _edited = 1\n", ["report.json"]),  # through report_files
-])
-def test_editing_code_makes_stale_exactly_what_it_computes(monkeypatch, edited, edit, stale):
-    s = train.get_settings(["--preset=tiny"])
-    conversations = [data.Conversation("1", ["hi", "hello"], [False, False], "sft")]
-    before = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed], train.CODE)
-    real, target = inspect.getsource, edited()
-    monkeypatch.setattr(artifacts.inspect, "getsource", lambda x: real(x) + (edit if x is target else ""))
-    after = artifacts.fingerprints(s, conversations, ["dpo", "adpo"], [s.seed], train.CODE)
-    assert sorted(name for name in before if before[name] != after[name]) == sorted(stale)
 
 
 def test_every_setting_is_fingerprinted_or_declared_harmless():

@@ -482,19 +482,15 @@ def token_logratios(s, run, sft_model, tok):
     return evaluate.token_logratios(policies, sft_model, tok, enc, triplets)
 
 
-# the code that computes each artifact: editing it makes the artifact stale (artifacts.fingerprints: a
-# module by its name, or a function with the functions of its module it calls; each loss adds its own)
-CODE = {"tokenizer.json": (make_tokenizer,),
-        "sft.pt": ("model", "data", get_lr, train_sft),
-        "triplets.jsonl": (sample.sample_replies, sample.sampling_settings, build_triplets),
-        "pref": (adpo.concatenated_logps, adpo.call_loss, adpo.preference_metrics, data.preference_data,
-                 data.triplet_batches, reference_logps, policy_logps, train_preference,
-                 preference_optimization, evaluate.gradient_by_reply),
-        "eval": (evaluate.eval_sets, "provoked.txt", evaluate.evaluate, evaluate.evaluate_sft_control,
-                 evaluate.stability, evaluate.results_from_json, sample.sample_replies,
-                 sample.sampling_settings, data.preference_data, reference_logps, final_pass,
-                 evaluate_models),
-        "report.json": (evaluate.report_files, token_logratios, evaluate.plot_token_logratios)}
+# the code that computes each artifact, from where the walk starts (codedeps.py follows everything these reach,
+# in any module: editing any of it makes the artifact stale; each loss adds its own function)
+CODE = {"tokenizer.json": (make_tokenizer, Run.tokenizer),
+        "sft.pt": ("model", train_sft, jsonl, Run.save_checkpoint, load_checkpoint),
+        "triplets.jsonl": (build_triplets, Run.sampler, jsonl),
+        "pref": (preference_optimization, Run.save_checkpoint, load_checkpoint),
+        "eval": ("provoked.txt", evaluate_models, evaluate.eval_sets, load_checkpoint),
+        "report.json": (evaluate.report_files, token_logratios, evaluate.plot_token_logratios,
+                        evaluate.report_table, Run.write)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,550 @@
+"""
+What code an artifact is computed from: every piece of the project's code that its stage can reach, found by
+reading the source (nothing is run, so the answer is known before anything is computed, and is the same under
+--compile, under torchrun and in a resumed run).
+
+From a root (a function, a class, a module, a data file) the walk follows every name the code uses:
+- a name of its module, or of the module it was imported from: the statement that defines it (a function,
+  a class, a constant, a table of functions), decorators and default arguments included (they are in the
+  definition's source);
+- `module.name` and `Class.name` chains, to that definition;
+- where the object is not known from the source (`run.sample`, `self.cache`, `model.generate`): every member
+  of that name in every class of the project (methods, class attributes and `self.name = ...` assignments),
+  and for a call of an unknown object, every `forward` and `__call__`: the conservative side;
+- a string literal that names a data file of the repository (provoked.txt): the file's content, not its path.
+A runtime root is unwrapped first (decorators' __wrapped__, functools.partial's function and arguments, a
+bound method's function, a closure's cells). Each piece counts as its syntax tree without docstrings, so a
+reworded comment or docstring changes nothing. exclude names tables the walk does not enter: train.py's
+fingerprints exclude adpo.LOSSES, so that each loss counts only in its own checkpoints.
+"""
+
+import ast
+import functools
+import hashlib
+import inspect
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DATA_SUFFIXES = (".txt", ".csv", ".tsv")  # data files the code may read; artifacts (out_dir) are never these
+NOT_PROJECT_DIRS = {"out", "docs", "tests", "__pycache__", "site-packages", "venv", ".venv", "env"}
+CALLED_BY_PYTHON = ("forward", "__call__")  # what calling an unknown object may run
+
+
+def read_source(path):
+    """The text of a project file (tests plant edits here)."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def is_test_file(path):
+    name = os.path.basename(path)
+    return name.startswith("test_") or name == "conftest.py"
+
+
+@functools.lru_cache(maxsize=None)
+def module_file(name):
+    """The project file of module `name` (ROOT/a/b.py or ROOT/a/b/__init__.py for a.b), or None for a module
+    outside the project (torch, numpy, ...). Found from the name alone: nothing is imported."""
+    if not name or name.startswith("."):
+        return None
+    parts = name.split(".")
+    if set(parts[:-1]) & NOT_PROJECT_DIRS or parts[0] in NOT_PROJECT_DIRS:
+        return None
+    for path in (os.path.join(ROOT, *parts) + ".py", os.path.join(ROOT, *parts, "__init__.py")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def real_name(name):
+    """A module's importable name; for the script that was run (__main__: python train.py, python -m
+    tools.sweep), the name of its file."""
+    if name != "__main__":
+        return name
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name
+    path = getattr(main, "__file__", None)
+    return module_name(os.path.realpath(path)) if path else name
+
+
+def project_files():
+    """Every module of the project that is not a test: where unknown members are looked for."""
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if d not in NOT_PROJECT_DIRS and not d.startswith("."))
+        found += [os.path.join(folder, f) for f in sorted(files) if f.endswith(".py") and not is_test_file(f)]
+    return found
+
+
+def module_name(path):
+    relative = os.path.splitext(os.path.relpath(path, ROOT))[0].split(os.sep)
+    return ".".join(relative[:-1] if relative[-1] == "__init__" else relative)
+
+
+def strip_docstrings(tree):
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+class Module:
+    """One project file, parsed: its top-level statements by the names they define."""
+
+    def __init__(self, name, path):
+        self.name, self.path = name, path
+        self.tree = strip_docstrings(ast.parse(read_source(path)))
+        self.package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        self.top = {}  # name -> the top-level statements that bind or change it
+        for stmt in self.tree.body:
+            for bound in bound_names(stmt):
+                self.top.setdefault(bound, []).append(stmt)
+
+    def imported(self, stmt, name):
+        """Where `name`, bound by an import statement, comes from: ("module", m) or ("name", m, attr)."""
+        for alias in stmt.names:
+            if (alias.asname or alias.name.split(".")[0]) != name:
+                continue
+            if isinstance(stmt, ast.Import):
+                return ("module", alias.name if alias.asname else alias.name.split(".")[0])
+            base = stmt.module or ""
+            if stmt.level:  # from . import x, from .y import x
+                package = self.package.split(".") if self.package else []
+                package = package[:len(package) - stmt.level + 1]
+                base = ".".join(package + ([stmt.module] if stmt.module else []))
+            return ("name", base, alias.name)
+        return None
+
+
+def bound_names(stmt):
+    """The names a statement binds or changes in its scope (LOSSES["x"] = f and LOSSES.update(...) change
+    LOSSES), looking into if, for, while, with and try blocks but not into functions, classes or lambdas."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [stmt.name]
+    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        return [a.asname or a.name.split(".")[0] for a in stmt.names if a.name != "*"]
+    targets = []
+    if isinstance(stmt, ast.Assign):
+        targets = stmt.targets
+    elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign, ast.For, ast.AsyncFor)):
+        targets = [stmt.target]
+    elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+        targets = [item.optional_vars for item in stmt.items if item.optional_vars is not None]
+    names = []
+    for target in targets:
+        for node in ast.walk(target):
+            if isinstance(node, ast.Name):
+                names.append(node.id)
+            elif isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(node.ctx, ast.Store):
+                names.append(chain_base(node))
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Attribute):
+        names.append(chain_base(stmt.value.func))  # TABLE.update(...), TABLE.append(...)
+    for field in ("body", "orelse", "finalbody", "handlers"):
+        for child in getattr(stmt, field, None) or []:
+            names += bound_names(child) if isinstance(child, ast.stmt) else \
+                [n for s in child.body for n in bound_names(s)]  # an except handler
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def chain_base(node):
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+_PARSED = {}
+
+
+def parsed(name, path):
+    """The Module of a file, parsed again only when its text changed."""
+    text = read_source(path)
+    key = (name, path, hashlib.sha256(text.encode("utf-8")).hexdigest())
+    if key not in _PARSED:
+        _PARSED[key] = Module(name, path)
+    return _PARSED[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the walk
+
+
+class Walk:
+    def __init__(self, exclude=()):
+        self.exclude = {tuple(x.rsplit(".", 1)) for x in exclude}  # {("adpo", "LOSSES")}
+        self.pieces = {}  # label -> the text that counts
+        self.todo = []
+        self.seen = set()
+        self.modules = {}
+        self.index = None
+        self._universe = None
+        self.reached_from = {}  # piece -> the piece whose code named it (None: a root)
+        self.current = None
+
+    def module(self, name):
+        """The parsed project module `name` (read once per walk), or None."""
+        if name not in self.modules:
+            path = module_file(name)
+            self.modules[name] = parsed(name, path) if path else None
+        return self.modules[name]
+
+    def add(self, module, node, label):
+        key = (module.name, id(node))
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        name = f"{module.name}:{label}:{getattr(node, 'lineno', 0)}"
+        self.pieces[name] = f"{module.name}:{dump(node)}"
+        self.reached_from[name] = self.current
+        self.todo.append((module, node, name))
+
+    def run(self, roots):
+        for root in roots:
+            self.follow_root(root)
+        while self.todo:
+            module, node, self.current = self.todo.pop()
+            if node is module.tree:  # a whole module: each of its statements
+                for stmt in module.tree.body:
+                    if not any((module.name, n) in self.exclude for n in bound_names(stmt)):
+                        self.add(module, stmt, label_of(stmt))
+            else:
+                self.scan(module, node)
+        return self.pieces
+
+    def follow_root(self, root):
+        if isinstance(root, str) and root.endswith(DATA_SUFFIXES):
+            if not os.path.isfile(os.path.join(ROOT, root)):
+                raise ValueError(f"no data file {root!r} in {ROOT}")
+            return self.add_file(root)
+        if isinstance(root, str):
+            module = self.module(root)
+            if module is None:
+                raise ValueError(f"{root!r} is not a module of the project")
+            return self.add(module, module.tree, "<module>")
+        before = len(self.pieces)
+        self.follow_object(root)
+        if len(self.pieces) == before and not self.seen_root(root):
+            raise ValueError(f"{root!r} is not the project's code: an artifact computed from it would never "
+                             "go stale")
+
+    def seen_root(self, root):
+        target = inspect.unwrap(getattr(root, "func", root))
+        module = getattr(target, "__module__", None)
+        return module is not None and self.module(real_name(module)) is not None
+
+    # runtime objects: the roots, and values the source does not show
+
+    def follow_object(self, obj, depth=0):
+        if depth > 20:
+            return
+        if isinstance(obj, functools.partial):
+            self.pieces[f"partial:{plain((obj.args, obj.keywords))}"] = plain(("partial", obj.args, obj.keywords))
+            for x in (obj.func, *obj.args, *obj.keywords.values()):
+                self.follow_object(x, depth + 1)
+        elif isinstance(obj, (dict, list, tuple, set, frozenset)):
+            for x in (obj.values() if isinstance(obj, dict) else obj):
+                self.follow_object(x, depth + 1)
+        elif isinstance(obj, (staticmethod, classmethod)) or inspect.ismethod(obj):
+            self.follow_object(obj.__func__, depth + 1)
+        elif inspect.ismodule(obj):
+            module = self.module(obj.__name__)
+            if module is not None:
+                self.add(module, module.tree, "<module>")
+        elif callable(obj):
+            while True:  # a decorated function: the decorator's wrapper (if it is the project's) and each layer
+                self.follow_definition(obj, depth)
+                if not hasattr(obj, "__wrapped__") or depth > 20:
+                    break
+                obj, depth = obj.__wrapped__, depth + 1
+
+    def follow_definition(self, obj, depth):
+        if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+            if type(obj).__module__ and self.module(real_name(type(obj).__module__)):
+                self.follow_definition(type(obj), depth)  # an instance of a project class, called
+            return
+        module = self.module(real_name(obj.__module__))
+        if module is None:
+            return
+        for node, label in locate(module, obj):
+            self.add(module, node, label)
+        for cell in getattr(obj, "__closure__", None) or ():  # what a closure was made with
+            try:
+                self.follow_object(cell.cell_contents, depth + 1)
+            except ValueError:  # an empty cell
+                pass
+        for value in (getattr(obj, "__defaults__", None) or ()) + \
+                tuple((getattr(obj, "__kwdefaults__", None) or {}).values()):
+            self.follow_object(value, depth + 1)
+
+    def add_file(self, name):
+        path = os.path.join(ROOT, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                self.pieces[f"file:{name}"] = f"file:{name}:{hashlib.sha256(f.read()).hexdigest()}"
+
+    # the source
+
+    def scan(self, module, node):
+        local = local_names(node)
+        inner = {id(n.value) for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+        called = {id(n.func) for n in ast.walk(node) if isinstance(n, ast.Call)}
+        for n in ast.walk(node):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.endswith(DATA_SUFFIXES) \
+                    and "\n" not in n.value and len(n.value) < 256:
+                self.add_file(n.value)
+            elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in inner:
+                self.global_name(module, n.id)  # a local too: it may shadow a module-level name
+                if n.id in local and id(n) in called:
+                    self.unknown_call()
+            elif isinstance(n, ast.Attribute) and id(n) not in inner:
+                self.chain(module, n, local)
+            elif isinstance(n, ast.Call) and not isinstance(n.func, (ast.Name, ast.Attribute)):
+                self.unknown_call()  # layers[i](x), make()(x)
+
+    def unknown_call(self):
+        for name in CALLED_BY_PYTHON:
+            self.member(name)
+
+    def member(self, name, classes=None):
+        """Every definition of member `name` in the classes of the modules the walk can reach (classes: only
+        those, by name)."""
+        universe = self.universe()
+        if self.index is None or self.index[0] != universe:
+            self.index = (universe, member_index([self.module(m) for m in sorted(universe)]))
+        for module, cls, stmt in self.index[1].get(name, []):
+            if classes is None or cls.name in classes:
+                self.add(module, stmt, label_of(stmt))
+
+    def parents(self):
+        """The names of the classes that some project class derives from."""
+        universe = self.universe()
+        if getattr(self, "_parents", (None,))[0] != universe:
+            self._parents = (universe, base_classes([self.module(m) for m in sorted(universe)]))
+        return self._parents[1]
+
+    def universe(self):
+        """The project modules that the modules met so far import, directly or not (never the tools that
+        import train.py: nothing of theirs can reach its code), this file aside (it computes fingerprints,
+        not artifacts)."""
+        names = {m for m, module in self.modules.items() if module is not None}
+        if self._universe and names <= self._universe[1]:
+            return self._universe[0]
+        todo = list(names)
+        while todo:
+            module = self.module(todo.pop())
+            for node in ast.walk(module.tree):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    for alias in node.names:
+                        source = module.imported(node, alias.asname or alias.name.split(".")[0])
+                        for name in ([source[1]] if source[0] == "module" else
+                                     [source[1], f"{source[1]}.{source[2]}"]):
+                            if name not in names and self.module(name) is not None:
+                                names.add(name)
+                                todo.append(name)
+        self._universe = (frozenset(names - {__name__}), names)
+        return self._universe[0]
+
+    def global_name(self, module, name, depth=0):
+        """Adds the definition of module-level `name` of `module`; returns what it is: ("module", Module),
+        ("class", Module, node), ("value",) or None (not the project's, a builtin, or excluded)."""
+        if depth > 20 or (module.name, name) in self.exclude:
+            return None
+        stmts = module.top.get(name)
+        if not stmts:
+            runtime = sys.modules.get(module.name)
+            value = vars(runtime).get(name) if runtime is not None else None
+            if value is not None and not isinstance(value, (str, bytes, int, float, bool)):
+                self.follow_object(value)  # bound where the source does not show (import *, setattr)
+                return ("value",)
+            submodule = self.module(f"{module.name}.{name}") if module.path.endswith("__init__.py") else None
+            if submodule is not None:
+                self.add(submodule, submodule.tree, "<module>")
+                return ("module", submodule)
+            return None
+        found = None
+        for stmt in stmts:
+            if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                source = module.imported(stmt, name)
+                if source is None:
+                    continue
+                target = self.module(source[1])
+                if target is None:
+                    found = ("outside",)
+                elif source[0] == "module":
+                    found = ("module", target)
+                elif source[2] not in target.top and self.module(f"{source[1]}.{source[2]}"):
+                    submodule = self.module(f"{source[1]}.{source[2]}")  # from package import module
+                    self.add(submodule, submodule.tree, "<module>")
+                    found = ("module", submodule)
+                else:
+                    found = self.global_name(target, source[2], depth + 1)
+            else:
+                self.add(module, stmt, label_of(stmt))
+                found = ("class", module, stmt) if isinstance(stmt, ast.ClassDef) else ("value",)
+        return found
+
+    def chain(self, module, node, local):
+        """a.b.c: the definition each step names where the source tells; else every member of that name."""
+        attrs, base = [], node
+        while isinstance(base, ast.Attribute):
+            attrs.append(base.attr)
+            base = base.value
+        attrs.reverse()
+        if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super":
+            # super().x: x of a project class that some project class derives from
+            return self.member(attrs[0], classes=self.parents())
+        if not isinstance(base, ast.Name):
+            return self.unknown_chain(attrs)  # f().x, table[k].x: the base itself is scanned on its own
+        if base.id in local:
+            self.unknown_chain(attrs)  # a local that may shadow a module-level name: both
+        where = self.global_name(module, base.id)
+        for i, attr in enumerate(attrs):
+            if where is None or where[0] == "outside":
+                return  # a builtin's, an excluded table's, or outside the project
+            if where[0] == "module":
+                where = self.global_name(where[1], attr)
+            elif where[0] == "class":
+                found = [s for s in where[2].body if attr in bound_names(s)]
+                for stmt in found:
+                    self.add(where[1], stmt, label_of(stmt))
+                if not found:
+                    return self.unknown_chain(attrs[i:])  # inherited or set on instances
+                where = ("value",)
+            else:
+                return self.unknown_chain(attrs[i:])  # a method of a value (a dict's, a project instance's)
+
+    def unknown_chain(self, attrs):
+        for attr in attrs:
+            self.member(attr)
+
+
+def member_index(modules):
+    """{name: [(module, class, statement)]}: every statement of a class that defines member `name` (methods,
+    class attributes, and the methods that assign self.name)."""
+    index = {}
+    for module in modules:
+        for cls in ast.walk(module.tree):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            for stmt in cls.body:
+                names = bound_names(stmt)
+                if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    names += [n.attr for n in ast.walk(stmt) if isinstance(n, ast.Attribute)
+                              and isinstance(n.ctx, ast.Store)]
+                for name in dict.fromkeys(names):
+                    index.setdefault(name, []).append((module, cls, stmt))
+    return index
+
+
+def base_classes(modules):
+    return {b.id if isinstance(b, ast.Name) else b.attr for m in modules for c in ast.walk(m.tree)
+            if isinstance(c, ast.ClassDef) for b in c.bases if isinstance(b, (ast.Name, ast.Attribute))}
+
+
+def local_names(node):
+    """Names bound inside a function, lambda or class (arguments and assignments); empty for a module-level
+    statement, whose names are the module's."""
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+        scopes = [n for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda,
+                                                              ast.comprehension))]
+        names = set()
+        for scope in scopes:
+            names |= local_names(scope) if not isinstance(scope, ast.comprehension) else \
+                {n.id for n in ast.walk(scope.target) if isinstance(n, ast.Name)}
+        return names
+    declared_global = {name for n in ast.walk(node) if isinstance(n, ast.Global) for name in n.names}
+    names = {a.arg for a in ast.walk(node) if isinstance(a, ast.arg)}
+    names |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
+    names |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                             ast.ClassDef)) and n is not node}
+    return names - declared_global
+
+
+def locate(module, obj):
+    """The syntax tree of a function or class: by its qualified name; a nested function as the whole
+    top-level definition around it; a lambda as the lambdas on its line; unknown: the whole module."""
+    parts = obj.__qualname__.split(".")
+    scope = module.tree
+    for i, part in enumerate(parts):
+        if part == "<lambda>" or part == "<locals>":
+            if scope is not module.tree:
+                return [(scope, label_of(scope))]  # the enclosing definition holds it
+            line = obj.__code__.co_firstlineno
+            found = [n for n in ast.walk(scope) if isinstance(n, ast.Lambda) and n.lineno == line]
+            return [(n, "<lambda>") for n in found] or [(module.tree, "<module>")]
+        found = [n for n in getattr(scope, "body", []) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                          ast.ClassDef)) and n.name == part]
+        if not found:
+            break
+        scope = found[-1]
+        if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) and i + 1 < len(parts):
+            return [(scope, label_of(scope))]  # something defined inside a function: the whole function
+    else:
+        return [(scope, label_of(scope))]
+    return [(module.tree, "<module>")] if scope is module.tree else [(scope, label_of(scope))]
+
+
+def label_of(stmt):
+    names = bound_names(stmt) if not isinstance(stmt, ast.Module) else ["<module>"]
+    return ",".join(names) if names else type(stmt).__name__
+
+
+@functools.lru_cache(maxsize=None)
+def dump(node):
+    return ast.dump(node)
+
+
+def plain(value):
+    try:
+        return json.dumps(value, sort_keys=True, default=repr)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def sources():
+    """The text of every file the walk may read, as (path, hash): a walk is done again when one changed."""
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if d not in NOT_PROJECT_DIRS and not d.startswith("."))
+        for name in sorted(files):
+            if name.endswith((".py", *DATA_SUFFIXES)):
+                path = os.path.join(folder, name)
+                text = read_source(path) if name.endswith(".py") else open(path, "rb").read().decode("latin-1")
+                found.append((path, hashlib.sha256(text.encode("utf-8")).hexdigest()))
+    return tuple(found)
+
+
+_REACHED = {}
+
+
+def reached(*roots, exclude=()):
+    """{label: text} of every piece of code and data the roots reach."""
+    try:
+        key = (roots, tuple(exclude), sources())
+        hash(key)
+    except TypeError:  # a root that is not hashable (a dict of functions): no cache
+        return Walk(exclude).run(roots)
+    if key not in _REACHED:
+        _REACHED[key] = Walk(exclude).run(roots)
+    return dict(_REACHED[key])
+
+
+def path_to(piece, *roots, exclude=()):
+    """How the roots reach a piece (a label of reached()): the chain of pieces, root first; for `why stale`."""
+    walk = Walk(exclude)
+    walk.run(roots)
+    chain = [piece]
+    while walk.reached_from.get(chain[-1]):
+        chain.append(walk.reached_from[chain[-1]])
+    return chain[::-1]
+
+
+def code_of(*roots, exclude=()):
+    """What an edit of the roots or of anything they reach can change, as sorted texts (no labels: moving a
+    function within its file changes nothing)."""
+    return sorted(reached(*roots, exclude=exclude).values())
