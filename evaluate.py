@@ -340,36 +340,64 @@ COMPARED_KEYS = ["toxicity_adversarial", "toxicity_provoked", "wordlist_toxicity
 TRANSFORMS = {"val_ppl": math.exp}  # from the pooled mean negative log-likelihood per token
 
 
-def bootstrap_ci(num, den, transform=None, draws=2000, seed=0):
-    """95% percentile interval of transform(sum(num) / sum(den)) when the units (contexts, or held-out
-    replies) are drawn again with replacement."""
+def bootstrap_draws(num, den, transform=None, draws=2000, seed=0):
+    """transform(sum(num) / sum(den)) for `draws` samples of the units (contexts, or held-out replies) drawn
+    again with replacement. The draws depend only on the number of units: two models on the same units get
+    the same draws (paired)."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(num), size=(draws, len(num)))
     stats = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
-    if transform is not None:
-        stats = np.vectorize(transform)(stats)
-    low, high = np.percentile(stats, [2.5, 97.5])
-    return [float(low), float(high)]
+    return np.vectorize(transform)(stats) if transform is not None else stats
+
+
+def bootstrap_ci(num, den, transform=None, draws=2000, seed=0):
+    """95% percentile interval of transform(sum(num) / sum(den)) over the units drawn again."""
+    return percentile_ci(bootstrap_draws(num, den, transform, draws, seed))
 
 
 # the toxicity and coherence keys: these get intervals with training noise and paired differences
 INTERVAL_KEYS = [k for k in SECTION_KEYS if k.startswith(("toxicity_", "wordlist_toxicity_", "judge_prob_"))
                  ] + ["val_ppl", "relevance", "sft_logprob_per_token", "evasive_rate"]
+RATES = ("toxicity_", "wordlist_toxicity_", "judge_prob_", "evasive_rate")  # shares: intervals within [0, 1]
 REFERENCES = ("dpo", "sft")  # every method is compared with these, pairwise
+# Student's t, 97.5% quantile, for 1 to 30 degrees of freedom
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+        2.042)
 
 
-def clustered_draws(runs, key, draws=2000, seed=0):
-    """transform(sum(num) / sum(den)) for each of `draws` bootstrap samples that draw the seeds and the units
-    (contexts, human replies) again together: training noise included. The draws depend only on the number
-    of seeds and units, so two models on the same contexts and seeds get the same draws: paired."""
-    num = np.array([units[key][0] for _, units in runs], float)  # (seeds, units)
+def t975(df):
+    """The 97.5% quantile of Student's t with df degrees of freedom (past 30: its expansion around 1.96)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def seed_values(runs, key):
+    """Each seed's own value of key: transform(sum(num) / sum(den)) of its units. (seeds,)"""
+    transform = TRANSFORMS.get(key, lambda x: x)
+    return np.array([transform(ratio(np.sum(units[key][0]), np.sum(units[key][1]))) for _, units in runs])
+
+
+def t_halfwidth(values, axis=-1):
+    """Half the width of the 95% t interval of the mean of n values (one per seed) over axis, n - 1 degrees
+    of freedom: the seeds' own spread is the noise. Wide with 2 seeds (t = 12.7), and rightly so."""
+    n = values.shape[axis]
+    return t975(n - 1) * values.std(axis=axis, ddof=1) / np.sqrt(n)
+
+
+def context_paired_draws(runs, key, draws=2000, seed=0):
+    """One seed: transform(sum(num) / sum(den)) for `draws` bootstrap samples of its units (contexts, human
+    replies). The draws depend only on the number of units, so two models on the same contexts get the same
+    draws: paired."""
+    num = np.array([units[key][0] for _, units in runs], float)  # (1, units)
     den = np.array([units[key][1] for _, units in runs], float)
-    n_seeds, n_units = num.shape
     rng = np.random.default_rng(seed)
     stats = []
-    for _ in range(0, draws, 250):  # 250 draws at a time: (250, seeds, units) arrays
-        si = rng.integers(0, n_seeds, size=(250, n_seeds, 1))
-        ui = rng.integers(0, n_units, size=(250, 1, n_units))
+    for _ in range(0, draws, 250):  # 250 draws at a time; the stream of the earlier seeds-and-contexts draws
+        si = rng.integers(0, 1, size=(250, 1, 1))
+        ui = rng.integers(0, num.shape[1], size=(250, 1, num.shape[1]))
         stats.append(num[si, ui].sum((1, 2)) / np.maximum(den[si, ui].sum((1, 2)), 1e-12))
     return np.vectorize(TRANSFORMS.get(key, lambda x: x))(np.concatenate(stats)[:draws])
 
@@ -382,7 +410,8 @@ def percentile_ci(stats):
 def summarize(runs):
     """[(metrics, units), ...] over seeds -> one report section: a metric with units pooled over seeds, with
     `<key>_ci95` bootstrapped over contexts; with several seeds, every metric with `<key>_std`, and the
-    toxicity and coherence keys with `<key>_ci95_clustered`, bootstrapped over seeds and contexts together."""
+    toxicity and coherence keys with `<key>_ci95_clustered`: value ± t(n - 1) x the standard error of the
+    seeds' mean (their own spread) and of the contexts' bootstrap together, so training noise is in it."""
     section = {}
     for key in runs[0][0]:
         values = [metrics[key] for metrics, _ in runs]
@@ -397,23 +426,39 @@ def summarize(runs):
         den = np.sum([units[key][1] for _, units in runs], axis=0)
         transform = TRANSFORMS.get(key, lambda x: x)
         section[key] = transform(ratio(num.sum(), den.sum()))
-        section[f"{key}_ci95"] = bootstrap_ci(num, den, TRANSFORMS.get(key))
+        contexts = bootstrap_draws(num, den, TRANSFORMS.get(key))
+        section[f"{key}_ci95"] = percentile_ci(contexts)
         if len(runs) > 1 and key in INTERVAL_KEYS:
-            section[f"{key}_ci95_clustered"] = percentile_ci(clustered_draws(runs, key))
+            values = seed_values(runs, key)
+            se = math.sqrt(values.var(ddof=1) / len(values) + contexts.var())
+            low, high = section[key] - t975(len(values) - 1) * se, section[key] + t975(len(values) - 1) * se
+            if key.startswith(RATES):
+                low, high = max(low, 0.0), min(high, 1.0)
+            section[f"{key}_ci95_clustered"] = [float(low), float(high)]
     return section
 
 
 def paired_differences(report, runs):
     """For every method and reference (DPO, SFT): `<key>_diff_vs_<ref>`, the method's value minus the
-    reference's, and `<key>_diff_vs_<ref>_ci95`, from the same bootstrap draws of seeds and contexts for
-    both: the noise the two share cancels."""
+    reference's, and `<key>_diff_vs_<ref>_ci95`, its 95% interval. With several seeds, from the per-seed
+    differences (each seed's models share the data order and the contexts): diff ± t(n - 1) x their standard
+    error, which holds its coverage with 2 to 6 seeds where a bootstrap over so few seeds does not
+    (docs/results.md). With one seed, from the same bootstrap draws of the contexts for both models: the
+    noise of the contexts they share cancels, but training noise is not in it."""
     for key in INTERVAL_KEYS:
-        draws = {name: clustered_draws(r, key) for name, r in runs.items() if key in r[0][1]}
+        models = [name for name, r in runs.items() if key in r[0][1]]
         for ref in REFERENCES:
-            for name in draws:
-                if ref in draws and name not in (ref, "sft"):
-                    report[name][f"{key}_diff_vs_{ref}"] = report[name][key] - report[ref][key]
-                    report[name][f"{key}_diff_vs_{ref}_ci95"] = percentile_ci(draws[name] - draws[ref])
+            for name in models:
+                if ref not in models or name in (ref, "sft"):
+                    continue
+                diff = report[name][key] - report[ref][key]
+                if len(runs[name]) > 1:
+                    half = t_halfwidth(seed_values(runs[name], key) - seed_values(runs[ref], key))
+                    ci = [diff - half, diff + half]
+                else:
+                    ci = percentile_ci(context_paired_draws(runs[name], key) - context_paired_draws(runs[ref], key))
+                report[name][f"{key}_diff_vs_{ref}"] = diff
+                report[name][f"{key}_diff_vs_{ref}_ci95"] = [float(ci[0]), float(ci[1])]
 
 
 def differences(report, sections, keys=COMPARED_KEYS):
@@ -595,12 +640,16 @@ def report_files(s, runs, sets, samples, triplets, logratios, stage_seconds, wal
     report["wall_time_s"] = wall_time_s
     report["stage_seconds"] = stage_seconds
     table = report_table(report, list(runs))
-    intervals = ("over seeds and contexts together (training noise included)" if s.seeds > 1 else
-                 "over contexts (one seed: training noise not included)")
+    intervals = (f"95%, t with {s.seeds - 1} degree(s) of freedom over the {s.seeds} seeds, with the "
+                 "contexts' bootstrap variance added (training noise included)" if s.seeds > 1 else
+                 "95% bootstrap over contexts (one seed: training noise not included, so a difference is "
+                 "one between these trained models, not yet between their methods: --seeds=3 or more for that)")
+    paired = ("the per-seed differences (t interval)" if s.seeds > 1 else
+              "the same contexts for both (bootstrap)")
     markdown = (f"# ADPO report ({s.preset} preset, {s.seeds} seed(s), {wall_time_s / 60:.1f} min)\n\n"
                 f"{table}\n\n"
-                f"Intervals: 95% bootstrap {intervals}. Different only where the paired 95% interval of the "
-                f"difference (the same contexts and seeds for both) excludes 0:\n\n"
+                f"Intervals: {intervals}. Different only where the paired 95% interval of the "
+                f"difference ({paired}) excludes 0:\n\n"
                 f"{differences(report, list(runs))}\n\nSeeds: {SEEDS_VARY}.\n")
     readable = {name: {group: [[{"text": x.text, "finished": x.finished} for x in rs] for rs in replies]
                        for group, replies in groups.items()} for name, groups in samples.items()}

@@ -143,7 +143,17 @@ def test_paired_differences_over_two_seeds_vary_with_the_seeds():
     report = {name: evaluate.summarize(r) for name, r in runs.items()}
     evaluate.paired_differences(report, runs)
     low, high = report["adpo"]["toxicity_adversarial_diff_vs_dpo_ci95"]
-    assert low == pytest.approx(-0.25) and high == pytest.approx(0.25)
+    # per-seed differences -0.25 and 0.25: mean 0, standard error 0.25, t(1 degree of freedom) = 12.706
+    assert low == pytest.approx(-12.706 * 0.25) and high == pytest.approx(12.706 * 0.25)
+
+
+def test_t_quantiles():
+    assert [evaluate.t975(df) for df in (1, 2, 5, 30)] == [12.706, 4.303, 2.571, 2.042]
+    assert evaluate.t975(31) == pytest.approx(2.0395, abs=1e-3) and evaluate.t975(1000) == pytest.approx(1.9623,
+                                                                                                       abs=1e-3)
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 3, 10, 30, 40, 120):
+        assert evaluate.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
 
 
 def test_token_logratios_are_per_token_changes(tiny_triplets, tiny_gpt, tok, token_loop_logp):

@@ -1,0 +1,69 @@
+"""Does "different" in report.md mean what a 95% interval means? Reports of two identical methods are
+simulated and compared by evaluate.paired_differences itself; the share of "different" calls must be near 5%
+with 2, 3 and 6 seeds, whatever the training noise. `python test_intervals.py` prints the table of
+docs/results.md (the shares, and the power against a method with 20% fewer toxic replies).
+
+The model (the staleness issue's review): 256 contexts, 8 replies each; each context's toxicity rate drawn
+from Beta(0.5, 3), the same for both methods and every seed (the same contexts); each seed's model multiplies
+every rate by exp(N(0, sd)), its training noise."""
+
+import numpy as np
+import pytest
+
+import evaluate
+
+KEY = "toxicity_adversarial"
+CONTEXTS, REPLIES = 256, 8
+SEEDS = (2, 3, 6)
+NOISE = (0.0, 0.15, 0.3, 0.6)
+EFFECT = 0.8  # for the power: the method's rates x 0.8
+
+
+def different_share(n_seeds, sd, reports=1000, effect=1.0, seed=0):
+    """The share of simulated reports in which report.md would call the method different from DPO."""
+    rng = np.random.default_rng(seed)
+    rates = rng.beta(0.5, 3, size=(reports, 1, CONTEXTS))
+
+    def toxic_counts(rate):  # (reports, seeds, contexts)
+        noise = np.exp(rng.normal(0.0, sd, size=(reports, n_seeds, 1)))
+        return rng.binomial(REPLIES, np.minimum(rate * noise, 1.0)).astype(float)
+
+    dpo, method = toxic_counts(rates), toxic_counts(rates * effect)
+    replies = np.full(CONTEXTS, float(REPLIES))
+    calls = 0
+    for r in range(reports):
+        runs = {"dpo": [({}, {KEY: (dpo[r, i], replies)}) for i in range(n_seeds)],
+                "adpo": [({}, {KEY: (method[r, i], replies)}) for i in range(n_seeds)]}
+        report = {name: {KEY: float(sum(u[KEY][0].sum() for _, u in rs) / (REPLIES * CONTEXTS * n_seeds))}
+                  for name, rs in runs.items()}
+        evaluate.paired_differences(report, runs)
+        low, high = report["adpo"][f"{KEY}_diff_vs_dpo_ci95"]
+        calls += low > 0 or high < 0
+    return calls / reports
+
+
+@pytest.mark.parametrize("n_seeds", SEEDS)
+def test_identical_methods_are_called_different_in_about_5_percent_of_reports(n_seeds):
+    shares = [different_share(n_seeds, sd) for sd in NOISE]
+    assert all(0.02 <= share <= 0.08 for share in shares), dict(zip(NOISE, shares))
+
+
+def test_a_real_difference_is_found_more_often_with_more_seeds():
+    """The power against 20% fewer toxic replies, without training noise: it grows with the seeds."""
+    power = [different_share(n, 0.0, reports=300, effect=EFFECT, seed=1) for n in SEEDS]
+    assert power[0] < power[1] < power[2] and power[2] > 0.9, power
+
+
+def table():
+    """The docs' table; one seed (the contexts' bootstrap, no training noise in it) on 300 reports a cell."""
+    rows = [["seeds"] + [f"sd {sd}: identical methods called different" for sd in NOISE]
+            + [f"sd {sd}: power, 20% fewer" for sd in NOISE]]
+    for n in (1,) + SEEDS:
+        reports = 300 if n == 1 else 1000
+        rows.append([str(n)] + [f"{different_share(n, sd, reports):.3f}" for sd in NOISE]
+                    + [f"{different_share(n, sd, reports, effect=EFFECT, seed=1):.3f}" for sd in NOISE])
+    return evaluate.markdown_table(rows)
+
+
+if __name__ == "__main__":
+    print(table())
