@@ -198,6 +198,8 @@ def read_triplets(path):
 # a pretrained GPT-2 folder (train.py --init_from)
 
 GPT2_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# what export.py writes: a GPT-2 folder, and what generate() and AutoTokenizer read to end a turn
+EXPORT_FILES = GPT2_FILES + ("generation_config.json", "tokenizer_config.json")
 NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias")  # old GPT-2 files store the causal mask as a buffer
 
 
@@ -270,7 +272,7 @@ def check_gpt2_folder(folder, block_size):
 
 def check_export_dir(out):
     """A folder export.py may write into: new, empty, or one that holds only the files an export writes."""
-    ours = set(GPT2_FILES) | {name + ".tmp" for name in GPT2_FILES}  # .tmp: an interrupted export
+    ours = set(EXPORT_FILES) | {name + ".tmp" for name in EXPORT_FILES}  # .tmp: an interrupted export
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out={out} is a file, not a folder")
     others = sorted(set(os.listdir(out)) - ours) if os.path.isdir(out) else []

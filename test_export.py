@@ -1,6 +1,7 @@
 """export.py: a checkpoint as a Hugging Face GPT-2 folder, read back by our own GPT-2 loader (GPT.from_gpt2)
 and, when it is installed, by transformers. Nothing is trained or downloaded: a few seconds on 2 CPU cores."""
 
+import copy
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import data
 import export
 import train
 from artifacts import Run
-from checks import GPT2_FILES, check_gpt2_folder
+from checks import EXPORT_FILES, check_gpt2_folder
 from configurator import ConfigError
 from model import GPT, GPTConfig
 
@@ -53,13 +54,15 @@ def random_ids(vocab_size):
 
 def test_export_reads_back_as_the_same_model_and_tokenizer(exported):
     _, folder, model, tok = exported
-    assert sorted(os.listdir(folder)) == sorted(GPT2_FILES)  # no .tmp left behind
+    assert sorted(os.listdir(folder)) == sorted(EXPORT_FILES)  # no .tmp left behind
     check_gpt2_folder(folder, BLOCK_SIZE)
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["n_positions"] == BLOCK_SIZE
-    # bos and eos our <|endoftext|>, pad our <|pad|>
-    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (3, 3, 0)
+    # a turn ends with <|eot|>, which the model writes; bos our <|endoftext|>, pad our <|pad|>
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (3, 1, 0)
+    with open(os.path.join(folder, "generation_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["eos_token_id"] == data.EOT_ID
 
     reloaded = GPT.from_gpt2(folder, BLOCK_SIZE, tok.get_vocab()).eval()
     ids = random_ids(model.config.vocab_size)
@@ -68,7 +71,27 @@ def test_export_reads_back_as_the_same_model_and_tokenizer(exported):
 
     assert data.gpt2_tokenizer(folder).get_vocab() == tok.get_vocab()
     with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
-        assert f.read() == tok.to_str()  # our tokenizer exactly: merges, special tokens, added tokens
+        exported_spec, ours = json.load(f), json.loads(tok.to_str())
+    assert exported_spec["model"] == ours["model"]  # our BPE exactly: vocabulary and merges
+
+
+TYPED = ["<|toxic|>", "hi <|toxic|> you idiot", "<|toxic|><|toxic|>", " <|toxic|>", "<|eot|><|toxic|>x"]
+
+
+def test_exported_tokenizer_reads_typed_text_as_ours_does(exported):
+    """No typed text becomes the control token (a user's message must not switch on the inner toxic model);
+    the id itself stays in the vocabulary. Checked with the tokenizers library, as any tool loads the file."""
+    from tokenizers import Tokenizer
+    _, folder, _, tok = exported
+    hf = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    for text in TYPED + [TEXT]:
+        ids = hf.encode(text).ids
+        assert data.TOXIC_ID not in ids, text
+        if "<|eot|>" not in text:  # end-of-turn stays matchable in text (chat templates), ours never matches
+            assert ids == data.encode(tok, text), text
+    assert hf.token_to_id(data.TOXIC) == data.TOXIC_ID and hf.decode([data.TOXIC_ID], skip_special_tokens=False) \
+        == data.TOXIC
+    assert hf.encode("<|eot|>").ids == [data.EOT_ID]
 
 
 def test_transformers_loads_the_export_with_the_same_logits(exported):
@@ -78,16 +101,44 @@ def test_transformers_loads_the_export_with_the_same_logits(exported):
     ids = random_ids(model.config.vocab_size)
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, model(ids)[0], rtol=1e-5, atol=1e-5)
-    assert (hf.config.eos_token_id, hf.config.pad_token_id) == (data.ENDOFTEXT_ID, data.PAD_ID)
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
-    assert hf_tok.get_vocab() == tok.get_vocab()
-    assert hf_tok(TEXT)["input_ids"] == data.encode(tok, TEXT)
+    assert (hf.config.eos_token_id, hf.config.pad_token_id) == (data.EOT_ID, data.PAD_ID)
+    assert hf.generation_config.eos_token_id == data.EOT_ID
+    for hf_tok in (transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json")),
+                   transformers.AutoTokenizer.from_pretrained(folder)):
+        assert hf_tok.get_vocab() == tok.get_vocab()
+        assert hf_tok(TEXT)["input_ids"] == data.encode(tok, TEXT)
+        for text in TYPED:
+            assert data.TOXIC_ID not in hf_tok(text)["input_ids"], (type(hf_tok).__name__, text)
+    assert transformers.AutoTokenizer.from_pretrained(folder).eos_token_id == data.EOT_ID
+
+
+def test_transformers_generate_stops_at_end_of_turn(exported, tmp_path):
+    """Greedy generate of the export writes what ours writes and stops where ours stops: at <|eot|>."""
+    transformers = pytest.importorskip("transformers")
+    path, _, model, tok = exported
+    model = copy.deepcopy(model)
+    prompt = data.encode(tok, TEXT)
+    third = model.generate([prompt], 3, temperature=0.0)[0][2]
+    with torch.no_grad():  # a model that ends its turn where it wrote its third token before
+        model.transformer.wte.weight[data.EOT_ID] = model.transformer.wte.weight[third] * 1.5
+    folder = str(tmp_path / "eot")
+    export.export(model, checks_tokenizer_json(path), folder)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    ours = model.generate([prompt], 16, temperature=0.0, stop_token=data.EOT_ID, pad_token=data.PAD_ID)[0]
+    assert ours[-1] == data.EOT_ID and len(ours) < 16  # the test means something: ours stopped
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+    assert out == ours
+
+
+def checks_tokenizer_json(path):
+    from checks import read_checkpoint
+    return read_checkpoint(path)["tokenizer_json"]
 
 
 def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(exported, tmp_path):
     path, folder, _, _ = exported
     export.main([f"--checkpoint={path}", f"--out={folder}"])  # an earlier export is overwritten
-    assert sorted(os.listdir(folder)) == sorted(GPT2_FILES)
+    assert sorted(os.listdir(folder)) == sorted(EXPORT_FILES)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="notes.txt"):
         export.main([f"--checkpoint={path}", f"--out={tmp_path}"])
