@@ -94,7 +94,9 @@ def fingerprints(s, conversations, losses, seeds, code, evaluated=None):
         return {k: getattr(s, k) for k in DEPENDS_ON[name]}, code_of(*code.get(name, ()))
 
     corpus = digest([(c.id, c.turns, c.toxic, c.split) for c in conversations])
-    fp = {"tokenizer.json": digest(corpus, pick("tokenizer.json"))}
+    # the glue (train.main: which step runs, with what): its own source, not what it calls, counts for all
+    glue = codedeps.definitions(*code.get("glue", ()))
+    fp = {"tokenizer.json": digest(corpus, pick("tokenizer.json"), glue)}
     fp["sft.pt"] = digest(fp["tokenizer.json"], pick("sft.pt"))
     fp["triplets.jsonl"] = digest(fp["sft.pt"], pick("triplets.jsonl"))
     evaluation = pick("eval")

@@ -534,6 +534,17 @@ def reached(*roots, exclude=()):
     return dict(_REACHED[key])
 
 
+def definitions(*objects):
+    """The source of each function or class itself, without what it reaches (train.main: the glue)."""
+    walk = Walk()
+    for obj in objects:
+        module = walk.module(real_name(obj.__module__))
+        if module is None:
+            raise ValueError(f"{obj!r} is not the project's code")
+        walk.add(module, *locate(module, obj)[0])
+    return sorted(walk.pieces.values())
+
+
 def path_to(piece, *roots, exclude=()):
     """How the roots reach a piece (a label of reached()): the chain of pieces, root first; for `why stale`."""
     walk = Walk(exclude)

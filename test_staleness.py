@@ -92,6 +92,9 @@ EDITS = {
     "adpo.adpo_loss": ("adpo", "    return -F.logsigmoid(beta * (h_w - h_l) - gamma * h_t)",
                        "    return -F.logsigmoid(beta * (h_w - h_l) - 2 * gamma * h_t)",
                        ["adpo.pt", "eval_adpo.json", "report.json"]),
+    # the glue: what train.main() passes each step (its own source counts for every artifact)
+    "train.main": ("train", "run.sampler(\"triplets.jsonl\"))", "run.sampler(name=\"triplets.jsonl\"))",
+                   EVERYTHING),
     # a comment, a docstring, a function nobody calls: nothing
     "a comment": ("adpo", "float32: bf16 sums lose whole nats", "float32: bf16 sums lose nats", []),
     "a docstring": ("sample", "The same seed gives the same replies.", "A seed gives its replies.", []),

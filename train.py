@@ -547,5 +547,9 @@ def main(argv):
     print(f"done in {run.wall_time() / 60:.1f} min; outputs in {s.out_dir}/")
 
 
+# main() itself: which step runs and what it is given; an edit of it makes every artifact stale
+CODE["glue"] = (main,)
+
+
 if __name__ == "__main__":
     artifacts.run_main(main)
