@@ -305,6 +305,19 @@ class Walk:
                 self.chain(module, n, local)
             elif isinstance(n, ast.Call) and not isinstance(n.func, (ast.Name, ast.Attribute)):
                 self.unknown_call()  # layers[i](x), make()(x)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "getattr" \
+                    and len(n.args) >= 2:
+                self.dynamic_attribute(module, n.args[0], n.args[1], local)
+
+    def dynamic_attribute(self, module, base, name, local):
+        """getattr(x, "name") as x.name; getattr(module, anything) as the whole module (a getattr of an
+        instance by a computed name, getattr(settings, key), is not followed)."""
+        if isinstance(name, ast.Constant) and isinstance(name.value, str):
+            self.chain(module, ast.Attribute(value=base, attr=name.value, ctx=ast.Load()), local)
+        elif isinstance(base, ast.Name):
+            where = self.global_name(module, base.id)
+            if where is not None and where[0] == "module":
+                self.add(where[1], where[1].tree, "<module>")
 
     def unknown_call(self):
         for name in CALLED_BY_PYTHON:

@@ -224,3 +224,147 @@ def test_a_copied_checkout_reruns_nothing_and_an_edit_reruns_what_it_feeds(finis
         assert name in rewritten
     for name in TOKENIZER + SFT + TRIPLETS:
         assert name not in rewritten
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the walk on a small project of its own: every way Python reaches code
+
+
+LIB = '''
+import functools
+
+import helpers as h
+from helpers import CONST as C
+from helpers import *
+
+TABLE = [h.double, h.triple]
+if True:
+    def conditional():
+        return 1
+
+
+class Box:
+    scale = 2
+
+    def __init__(self, v):
+        self.v = v
+
+    @property
+    def doubled(self):
+        return self.v * self.scale
+
+    def __add__(self, other):
+        return Box(self.v + other.v)
+
+
+counter = 0
+
+
+def bump():
+    global counter
+    counter += 1
+    return counter
+
+
+def by_name(x):
+    return getattr(h, "double")(x)
+
+
+def by_table(i, x):
+    return TABLE[i](x)
+
+
+def via_alias(x):
+    return h.triple(x) + C
+
+
+def via_star(x):
+    return star_fn(x)
+
+
+def via_property(v):
+    return Box(v).doubled
+
+
+def via_operator(a, b):
+    return (Box(a) + Box(b)).v
+
+
+def via_conditional():
+    return conditional()
+
+
+def via_nested(x):
+    def inner(y):
+        return h.double(y)
+    return inner(x)
+
+
+def via_callback(x, f=h.triple):
+    return f(x)
+
+
+@functools.cache
+def cached():
+    return h.double(1)
+'''
+
+HELPERS = '''
+CONST = 3
+
+
+def double(x):
+    return 2 * x
+
+
+def triple(x):
+    return 3 * x
+
+
+def star_fn(x):
+    return x
+
+
+def unrelated():
+    return 5
+'''
+
+WALKS = [  # root, file, old, new, whether the root's code changes
+    ("by_name", "helpers", "return 2 * x", "return 2 * x + 0", True),
+    ("by_name", "helpers", "return 5", "return 6", False),
+    ("by_table", "helpers", "return 3 * x", "return 3 * x + 0", True),
+    ("via_alias", "helpers", "CONST = 3", "CONST = 4", True),
+    ("via_star", "helpers", "    return x\n", "    return -x\n", True),
+    ("via_property", "lib", "    scale = 2", "    scale = 3", True),
+    ("via_operator", "lib", "Box(self.v + other.v)", "Box(self.v - other.v)", True),
+    ("via_conditional", "lib", "        return 1", "        return 2", True),
+    ("via_nested", "helpers", "return 2 * x", "return 2 * x + 0", True),
+    ("via_callback", "helpers", "return 3 * x", "return 3 * x + 0", True),
+    ("cached", "helpers", "return 2 * x", "return 2 * x + 0", True),  # a root under functools.cache
+    ("bump", "lib", "counter = 0", "counter = 1", True),
+    ("bump", "lib", "    return counter\n", "    return counter  # a comment\n", False),
+]
+
+
+@pytest.fixture
+def small_project(tmp_path, monkeypatch):
+    (tmp_path / "lib.py").write_text(LIB)
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    monkeypatch.setattr(codedeps, "ROOT", str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    codedeps.module_file.cache_clear()
+    for name in ("lib", "helpers"):
+        sys.modules.pop(name, None)
+    import lib
+    yield lib
+    for name in ("lib", "helpers"):
+        sys.modules.pop(name, None)
+    codedeps.module_file.cache_clear()
+
+
+@pytest.mark.parametrize("root, module, old, new, changes", WALKS)
+def test_the_walk_reaches_every_kind_of_reference(small_project, monkeypatch, root, module, old, new, changes):
+    function = getattr(small_project, root)
+    before = codedeps.code_of(function)
+    plant(monkeypatch, codedeps.module_file(module), old, new)
+    assert (codedeps.code_of(function) != before) == changes
