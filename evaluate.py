@@ -374,17 +374,32 @@ def t975(df):
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
-def seed_values(runs, key):
-    """Each seed's own value of key: transform(sum(num) / sum(den)) of its units. (seeds,)"""
-    transform = TRANSFORMS.get(key, lambda x: x)
+def seed_values(runs, key, transformed=True):
+    """Each seed's own value of key, sum(num) / sum(den) of its units (transformed: val_ppl as exp). (seeds,)"""
+    transform = TRANSFORMS.get(key, lambda x: x) if transformed else (lambda x: x)
     return np.array([transform(ratio(np.sum(units[key][0]), np.sum(units[key][1]))) for _, units in runs])
 
 
-def t_halfwidth(values, axis=-1):
+def count_steps(runs, key):
+    """Each seed's smallest step of its value when the units are counts (toxic replies out of replies): 1 /
+    the replies; 0 for other values (log-probs). (seeds,)"""
+    steps = []
+    for _, units in runs:
+        num, den = (np.asarray(x, float) for x in units[key])
+        counts = np.all(num == np.round(num)) and np.all(den == np.round(den)) and key not in TRANSFORMS
+        steps.append(1.0 / max(den.sum(), 1.0) if counts else 0.0)
+    return np.array(steps)
+
+
+def t_halfwidth(values, steps=None, axis=-1):
     """Half the width of the 95% t interval of the mean of n values (one per seed) over axis, n - 1 degrees
-    of freedom: the seeds' own spread is the noise. Wide with 2 seeds (t = 12.7), and rightly so."""
+    of freedom: the seeds' own spread is the noise. Wide with 2 seeds (t = 12.7), and rightly so. steps: for
+    counts, each value's step (1 / replies); a value known only to within a step counts as uniform across
+    it (continuity: variance step^2 / 12 a count, two in a difference), so that seeds that tie on a few
+    toxic replies prove nothing."""
     n = values.shape[axis]
-    return t975(n - 1) * values.std(axis=axis, ddof=1) / np.sqrt(n)
+    continuity = 0.0 if steps is None else np.mean(np.asarray(steps) ** 2, axis=axis) / 6
+    return t975(n - 1) * np.sqrt((values.var(axis=axis, ddof=1) + continuity) / n)
 
 
 def context_paired_draws(runs, key, draws=2000, seed=0):
@@ -409,9 +424,9 @@ def percentile_ci(stats):
 
 def summarize(runs):
     """[(metrics, units), ...] over seeds -> one report section: a metric with units pooled over seeds, with
-    `<key>_ci95` bootstrapped over contexts; with several seeds, every metric with `<key>_std`, and the
-    toxicity and coherence keys with `<key>_ci95_clustered`: value ± t(n - 1) x the standard error of the
-    seeds' mean (their own spread) and of the contexts' bootstrap together, so training noise is in it."""
+    `<key>_ci95` bootstrapped over contexts; with several seeds, every metric with `<key>_std`, and every
+    metric with units with `<key>_ci95_clustered`: the seeds' mean ± t(n - 1) x the standard error of that
+    mean (the seeds' own spread) and of the contexts' bootstrap together, so training noise is in it."""
     section = {}
     for key in runs[0][0]:
         values = [metrics[key] for metrics, _ in runs]
@@ -428,10 +443,11 @@ def summarize(runs):
         section[key] = transform(ratio(num.sum(), den.sum()))
         contexts = bootstrap_draws(num, den, TRANSFORMS.get(key))
         section[f"{key}_ci95"] = percentile_ci(contexts)
-        if len(runs) > 1 and key in INTERVAL_KEYS:
-            values = seed_values(runs, key)
-            se = math.sqrt(values.var(ddof=1) / len(values) + contexts.var())
-            low, high = section[key] - t975(len(values) - 1) * se, section[key] + t975(len(values) - 1) * se
+        if len(runs) > 1:  # on the scale of the ratio (val_ppl: the mean NLL), then transformed
+            values = seed_values(runs, key, transformed=False)
+            center = float(values.mean())
+            se = math.sqrt(values.var(ddof=1) / len(values) + bootstrap_draws(num, den).var())
+            low, high = (transform(center + sign * t975(len(values) - 1) * se) for sign in (-1, 1))
             if key.startswith(RATES):
                 low, high = max(low, 0.0), min(high, 1.0)
             section[f"{key}_ci95_clustered"] = [float(low), float(high)]
@@ -441,9 +457,9 @@ def summarize(runs):
 def paired_differences(report, runs):
     """For every method and reference (DPO, SFT): `<key>_diff_vs_<ref>`, the method's value minus the
     reference's, and `<key>_diff_vs_<ref>_ci95`, its 95% interval. With several seeds, from the per-seed
-    differences (each seed's models share the data order and the contexts): diff ± t(n - 1) x their standard
-    error, which holds its coverage with 2 to 6 seeds where a bootstrap over so few seeds does not
-    (docs/results.md). With one seed, from the same bootstrap draws of the contexts for both models: the
+    differences (each seed's models share the data order and the contexts): their mean ± t(n - 1) x its
+    standard error, the seeds' variance at least their sampling variance; it holds its coverage with 2 to 6
+    seeds where a bootstrap over so few seeds does not (docs/results.md). With one seed, from the same bootstrap draws of the contexts for both models: the
     noise of the contexts they share cancels, but training noise is not in it."""
     for key in INTERVAL_KEYS:
         models = [name for name, r in runs.items() if key in r[0][1]]
@@ -452,8 +468,10 @@ def paired_differences(report, runs):
                 if ref not in models or name in (ref, "sft"):
                     continue
                 diff = report[name][key] - report[ref][key]
-                if len(runs[name]) > 1:
-                    half = t_halfwidth(seed_values(runs[name], key) - seed_values(runs[ref], key))
+                if len(runs[name]) > 1:  # the mean of the per-seed differences, and their spread
+                    per_seed = seed_values(runs[name], key) - seed_values(runs[ref], key)
+                    diff = float(per_seed.mean())
+                    half = t_halfwidth(per_seed, count_steps(runs[name], key))
                     ci = [diff - half, diff + half]
                 else:
                     ci = percentile_ci(context_paired_draws(runs[name], key) - context_paired_draws(runs[ref], key))

@@ -144,7 +144,45 @@ def test_paired_differences_over_two_seeds_vary_with_the_seeds():
     evaluate.paired_differences(report, runs)
     low, high = report["adpo"]["toxicity_adversarial_diff_vs_dpo_ci95"]
     # per-seed differences -0.25 and 0.25: mean 0, standard error 0.25, t(1 degree of freedom) = 12.706
-    assert low == pytest.approx(-12.706 * 0.25) and high == pytest.approx(12.706 * 0.25)
+    assert low == pytest.approx(-12.706 * 0.25, rel=1e-3) and high == pytest.approx(12.706 * 0.25, rel=1e-3)
+
+
+def test_seeds_that_tie_on_a_few_toxic_replies_prove_no_difference():
+    """The review's case: 128 contexts x 4 replies, DPO 3 and 5 toxic replies of 512, ADPO 2 and 4. The two
+    per-seed differences are equal (one reply), but a count is known only to within one reply."""
+    def seed(toxic):
+        counts = np.zeros(128)
+        counts[:toxic] = 1.0
+        return ({}, units_of(counts))
+    runs = {"dpo": [seed(3), seed(5)], "adpo": [seed(2), seed(4)]}
+    report = {name: evaluate.summarize(r) for name, r in runs.items()}
+    evaluate.paired_differences(report, runs)
+    low, high = report["adpo"]["toxicity_adversarial_diff_vs_dpo_ci95"]
+    assert report["adpo"]["toxicity_adversarial_diff_vs_dpo"] == pytest.approx(-1 / 512)
+    assert low < 0 < high
+    assert evaluate.differences(report, ["dpo", "adpo"], ["toxicity_adversarial"]) == \
+        "- toxicity_adversarial: adpo ~ dpo"
+
+
+def test_the_difference_and_its_interval_come_from_the_same_per_seed_values():
+    """The review's case: denominators that differ between models and seeds (tokens per reply): the pooled
+    difference is negative, every per-seed difference positive; the interval follows the per-seed ones."""
+    def seed(num, den):
+        return ({}, {"sft_logprob_per_token": (np.array([num / 2, num / 2]), np.array([den / 2, den / 2]))})
+    runs = {"adpo": [seed(-10, 10), seed(-61, 20), seed(-10.5, 10)],
+            "dpo": [seed(-30, 20), seed(-35, 10), seed(-31, 20)]}
+    report = {name: evaluate.summarize(r) for name, r in runs.items()}
+    evaluate.paired_differences(report, runs)
+    diff = report["adpo"]["sft_logprob_per_token_diff_vs_dpo"]
+    low, high = report["adpo"]["sft_logprob_per_token_diff_vs_dpo_ci95"]
+    assert diff == pytest.approx((0.5 + 0.45 + 0.5) / 3) and low < diff < high and high > 0
+
+
+def test_the_perplexity_interval_stays_above_1():
+    """Two seeds at perplexity 40 and 60: the interval is taken on the log scale, then exponentiated."""
+    runs = [({}, {"val_ppl": (np.full(10, math.log(p)), np.ones(10))}) for p in (40.0, 60.0)]
+    low, high = evaluate.summarize(runs)["val_ppl_ci95_clustered"]
+    assert 1 < low < 40 and high > 60
 
 
 def test_t_quantiles():

@@ -19,22 +19,23 @@ NOISE = (0.0, 0.15, 0.3, 0.6)
 EFFECT = 0.8  # for the power: the method's rates x 0.8
 
 
-def different_share(n_seeds, sd, reports=1000, effect=1.0, seed=0):
+def different_share(n_seeds, sd, reports=1000, effect=1.0, seed=0, contexts=CONTEXTS, replies=REPLIES,
+                    beta=(0.5, 3)):
     """The share of simulated reports in which report.md would call the method different from DPO."""
     rng = np.random.default_rng(seed)
-    rates = rng.beta(0.5, 3, size=(reports, 1, CONTEXTS))
+    rates = rng.beta(*beta, size=(reports, 1, contexts))
 
     def toxic_counts(rate):  # (reports, seeds, contexts)
         noise = np.exp(rng.normal(0.0, sd, size=(reports, n_seeds, 1)))
-        return rng.binomial(REPLIES, np.minimum(rate * noise, 1.0)).astype(float)
+        return rng.binomial(replies, np.minimum(rate * noise, 1.0)).astype(float)
 
     dpo, method = toxic_counts(rates), toxic_counts(rates * effect)
-    replies = np.full(CONTEXTS, float(REPLIES))
+    per_context = np.full(contexts, float(replies))
     calls = 0
     for r in range(reports):
-        runs = {"dpo": [({}, {KEY: (dpo[r, i], replies)}) for i in range(n_seeds)],
-                "adpo": [({}, {KEY: (method[r, i], replies)}) for i in range(n_seeds)]}
-        report = {name: {KEY: float(sum(u[KEY][0].sum() for _, u in rs) / (REPLIES * CONTEXTS * n_seeds))}
+        runs = {"dpo": [({}, {KEY: (dpo[r, i], per_context)}) for i in range(n_seeds)],
+                "adpo": [({}, {KEY: (method[r, i], per_context)}) for i in range(n_seeds)]}
+        report = {name: {KEY: float(sum(u[KEY][0].sum() for _, u in rs) / (replies * contexts * n_seeds))}
                   for name, rs in runs.items()}
         evaluate.paired_differences(report, runs)
         low, high = report["adpo"][f"{KEY}_diff_vs_dpo_ci95"]
@@ -46,6 +47,14 @@ def different_share(n_seeds, sd, reports=1000, effect=1.0, seed=0):
 def test_identical_methods_are_called_different_in_about_5_percent_of_reports(n_seeds):
     shares = [different_share(n_seeds, sd) for sd in NOISE]
     assert all(0.02 <= share <= 0.08 for share in shares), dict(zip(NOISE, shares))
+
+
+@pytest.mark.parametrize("n_seeds", SEEDS)
+def test_rare_toxicity_and_ties_keep_the_5_percent(n_seeds):
+    """The cpu preset's case: 128 contexts x 4 replies, toxicity near 1%: a few toxic replies per seed, so
+    two seeds often tie on their difference; a tie is no proof (at most 5% of calls, not 8 or 10%)."""
+    shares = [different_share(n_seeds, sd, contexts=128, replies=4, beta=(0.5, 60)) for sd in (0.0, 0.3)]
+    assert all(share <= 0.06 for share in shares), shares
 
 
 def test_a_real_difference_is_found_more_often_with_more_seeds():
@@ -62,6 +71,10 @@ def table():
         reports = 300 if n == 1 else 1000
         rows.append([str(n)] + [f"{different_share(n, sd, reports):.3f}" for sd in NOISE]
                     + [f"{different_share(n, sd, reports, effect=EFFECT, seed=1):.3f}" for sd in NOISE])
+    for n in SEEDS:  # the cpu preset's size, toxicity near 1%
+        rare = dict(contexts=128, replies=4, beta=(0.5, 60))
+        rows.append([f"{n}, 128 x 4, rare"] + [f"{different_share(n, sd, **rare):.3f}" for sd in NOISE]
+                    + [f"{different_share(n, sd, effect=EFFECT, seed=1, **rare):.3f}" for sd in NOISE])
     return evaluate.markdown_table(rows)
 
 
