@@ -40,7 +40,7 @@ from model import compile_model
 # the settings each artifact depends on, besides the artifact it is built from
 DEPENDS_ON = {
     # the tokenizer also depends on the corpus (data, max_conversations, toxic_threshold)
-    "tokenizer.json": ("vocab_size", "init_from"),
+    "tokenizer.json": ("vocab_size",),  # and --init_from's files, by content (file_digests)
     "sft.pt": ("seed", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size",
                "dropout", "bias", "sft_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters",
                "weight_decay", "beta1", "beta2", "grad_clip"),
@@ -55,6 +55,7 @@ DEPENDS_ON = {
 # settings that change no artifact: where and how a run goes, not what it computes (the corpus settings and
 # --loss/--seeds enter through the corpus' content and each checkpoint's own loss and seed)
 CHANGE_NO_ARTIFACT = ("preset", "out_dir", "stages", "device", "data", "max_conversations", "loss", "seeds",
+                      "init_from",  # its path: its files count by their content
                       "eval_interval", "eval_iters", "checkpoint_interval", "compile", "grad_accum",
                       "log_interval")
 STAGE_OF = {"tokenizer.json": "sft", "sft.pt": "sft", "triplets.jsonl": "triplets", "report.json": "eval"}
@@ -94,9 +95,13 @@ def fingerprints(s, conversations, losses, seeds, code, evaluated=None):
         return {k: getattr(s, k) for k in DEPENDS_ON[name]}, code_of(*code.get(name, ()))
 
     corpus = digest([(c.id, c.turns, c.toxic, c.split) for c in conversations])
-    # the glue (train.main: which step runs, with what): its own source, not what it calls, counts for all
-    glue = codedeps.definitions(*code.get("glue", ()))
-    fp = {"tokenizer.json": digest(corpus, pick("tokenizer.json"), glue)}
+    # the glue (train.main: which step runs, with what, and the helpers it calls, but not the steps' own
+    # code, which counts for their artifacts alone): for every artifact
+    steps = [x for name, roots in code.items() if name != "glue" for x in roots
+             if not isinstance(x, str) or x.endswith(codedeps.DATA_SUFFIXES)]
+    glue = codedeps.code_of(*code.get("glue", ()), exclude=SHARED_EXCLUDES + tuple(steps))
+    pretrained = file_digests([os.path.join(s.init_from, n) for n in checks.GPT2_FILES] if s.init_from else [])
+    fp = {"tokenizer.json": digest(corpus, pick("tokenizer.json"), glue, pretrained)}
     fp["sft.pt"] = digest(fp["tokenizer.json"], pick("sft.pt"))
     fp["triplets.jsonl"] = digest(fp["sft.pt"], pick("triplets.jsonl"))
     evaluation = pick("eval")
@@ -112,6 +117,19 @@ def fingerprints(s, conversations, losses, seeds, code, evaluated=None):
     fp["report.json"] = digest([fp[eval_name(m, seed, s.seed)] for seed in seeds for m in models],
                                pick("report.json"))
     return fp
+
+
+def file_digests(paths):
+    """The content of each file (a GPT-2 folder's, for --init_from), not its path. A missing file: None."""
+    out = []
+    for path in paths:
+        h = hashlib.sha256()
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        out.append(h.hexdigest() if os.path.isfile(path) else None)
+    return out
 
 
 def recorded(out_dir):

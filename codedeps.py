@@ -19,6 +19,7 @@ fingerprints exclude adpo.LOSSES, so that each loss counts only in its own check
 """
 
 import ast
+import copy
 import functools
 import hashlib
 import inspect
@@ -56,6 +57,16 @@ def module_file(name):
         if os.path.isfile(path):
             return path
     return None
+
+
+def data_files(name):
+    """The files a string literal may name: ROOT/name, and files of its base name in the project's folders."""
+    found = [os.path.join(ROOT, name)] if os.path.isfile(os.path.join(ROOT, name)) else []
+    base = os.path.basename(name)
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if d not in NOT_PROJECT_DIRS and not d.startswith("."))
+        found += [os.path.join(folder, base)] if base in files and folder != ROOT else []
+    return sorted(set(found))
 
 
 def real_name(name):
@@ -176,11 +187,21 @@ def parsed(name, path):
 
 class Walk:
     def __init__(self, exclude=()):
-        self.exclude = {tuple(x.rsplit(".", 1)) for x in exclude}  # {("adpo", "LOSSES")}
+        """exclude: "module.NAME" for a module-level name (adpo.LOSSES), a data file ("provoked.txt"), or a
+        function, class or method (their definitions are not entered: another artifact's code)."""
+        self.exclude = {tuple(x.rsplit(".", 1)) for x in exclude  # {("adpo", "LOSSES")}
+                        if isinstance(x, str) and not x.endswith(DATA_SUFFIXES)}
+        self.excluded_files = {x for x in exclude if isinstance(x, str) and x.endswith(DATA_SUFFIXES)}
         self.pieces = {}  # label -> the text that counts
         self.todo = []
         self.seen = set()
         self.modules = {}
+        self.excluded = set()
+        for obj in (x for x in exclude if not isinstance(x, str)):
+            target = inspect.unwrap(obj.__func__ if inspect.ismethod(obj) else obj)
+            module = self.module(real_name(target.__module__))
+            self.excluded |= {(module.name, id(node)) for node, _ in locate(module, target)} if module else set()
+        self.seen |= self.excluded
         self.index = None
         self._universe = None
         self.reached_from = {}  # piece -> the piece whose code named it (None: a root)
@@ -199,7 +220,10 @@ class Walk:
             return
         self.seen.add(key)
         name = f"{module.name}:{label}:{getattr(node, 'lineno', 0)}"
-        self.pieces[name] = f"{module.name}:{dump(node)}"
+        if name in self.pieces:  # another statement or lambda on the same line
+            name += f":{getattr(node, 'col_offset', 0)}"
+        shown = class_header(node) if isinstance(node, ast.ClassDef) else node
+        self.pieces[name] = f"{module.name}:{dump(shown)}"
         self.reached_from[name] = self.current
         self.todo.append((module, node, name))
 
@@ -212,6 +236,12 @@ class Walk:
                 for stmt in module.tree.body:
                     if not any((module.name, n) in self.exclude for n in bound_names(stmt)):
                         self.add(module, stmt, label_of(stmt))
+            elif isinstance(node, ast.ClassDef):  # a class: its bases, decorators and class attributes, and
+                self.scan(module, class_header(node))  # the methods Python calls by itself (__init__,
+                for stmt in node.body:  # __call__, __contains__, ...); the others by their names
+                    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                            stmt.name.startswith("__") and stmt.name.endswith("__"):
+                        self.add(module, stmt, stmt.name)
             else:
                 self.scan(module, node)
         return self.pieces
@@ -243,7 +273,7 @@ class Walk:
         if depth > 20:
             return
         if isinstance(obj, functools.partial):
-            self.pieces[f"partial:{plain((obj.args, obj.keywords))}"] = plain(("partial", obj.args, obj.keywords))
+            self.value(("partial", obj.args, obj.keywords))
             for x in (obj.func, *obj.args, *obj.keywords.values()):
                 self.follow_object(x, depth + 1)
         elif isinstance(obj, (dict, list, tuple, set, frozenset)):
@@ -266,14 +296,21 @@ class Walk:
         if not (inspect.isfunction(obj) or inspect.isclass(obj)):
             if type(obj).__module__ and self.module(real_name(type(obj).__module__)):
                 self.follow_definition(type(obj), depth)  # an instance of a project class, called
+                attributes = getattr(obj, "__dict__", {})  # and what it was made with: Scaled(2.0)
+                self.value(("instance", type(obj).__qualname__, attributes))
+                self.follow_object(dict(attributes), depth + 1)
             return
         module = self.module(real_name(obj.__module__))
         if module is None:
             return
-        for node, label in locate(module, obj):
+        located = locate(module, obj)
+        if any((module.name, id(node)) in self.excluded for node, _ in located):
+            return  # another artifact's code, with what it was made with
+        for node, label in located:
             self.add(module, node, label)
-        for cell in getattr(obj, "__closure__", None) or ():  # what a closure was made with
+        for cell in getattr(obj, "__closure__", None) or ():  # what a closure was made with: make_loss(2.0)
             try:
+                self.value(("closure", obj.__qualname__, cell.cell_contents))
                 self.follow_object(cell.cell_contents, depth + 1)
             except ValueError:  # an empty cell
                 pass
@@ -281,11 +318,19 @@ class Walk:
                 tuple((getattr(obj, "__kwdefaults__", None) or {}).values()):
             self.follow_object(value, depth + 1)
 
+    def value(self, value):
+        """A plain value the code was given at run time (a partial's arguments, a closure's cell)."""
+        text = plain(value)
+        self.pieces[f"value:{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}"] = text
+
     def add_file(self, name):
-        path = os.path.join(ROOT, name)
-        if os.path.isfile(path):
+        """A data file the code names: ROOT/name, or any file of that name in the project's folders."""
+        if name in self.excluded_files:
+            return
+        for path in data_files(name):
             with open(path, "rb") as f:
-                self.pieces[f"file:{name}"] = f"file:{name}:{hashlib.sha256(f.read()).hexdigest()}"
+                relative = os.path.relpath(path, ROOT)
+                self.pieces[f"file:{relative}"] = f"file:{relative}:{hashlib.sha256(f.read()).hexdigest()}"
 
     # the source
 
@@ -308,16 +353,48 @@ class Walk:
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "getattr" \
                     and len(n.args) >= 2:
                 self.dynamic_attribute(module, n.args[0], n.args[1], local)
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("globals", "vars") \
+                    and not n.args or isinstance(n, ast.Attribute) and n.attr == "modules" \
+                    and isinstance(n.value, ast.Name) and n.value.id == "sys":
+                self.add(module, module.tree, "<module>")  # names looked up at run time: the whole module
+            elif isinstance(n, (ast.Import, ast.ImportFrom)) and node is not module.tree:
+                self.local_import(module, n)
+
+    def local_import(self, module, stmt):
+        """An import inside a function or under try: what it binds, as if at the top."""
+        for alias in stmt.names:
+            if alias.name == "*":
+                target = self.module(module.imported(ast.ImportFrom(module=stmt.module, names=[ast.alias(
+                    name="x")], level=stmt.level), "x")[1])
+                if target is not None:
+                    self.add(target, target.tree, "<module>")
+                continue
+            name = alias.asname or alias.name.split(".")[0]
+            source = module.imported(stmt, name)
+            target = self.module(source[1]) if source else None
+            if target is None:
+                continue
+            if source[0] == "module":
+                self.add(target, target.tree, "<module>")
+            elif source[2] in target.top:
+                self.global_name(target, source[2])
+            elif self.module(f"{source[1]}.{source[2]}"):
+                submodule = self.module(f"{source[1]}.{source[2]}")
+                self.add(submodule, submodule.tree, "<module>")
 
     def dynamic_attribute(self, module, base, name, local):
-        """getattr(x, "name") as x.name; getattr(module, anything) as the whole module (a getattr of an
-        instance by a computed name, getattr(settings, key), is not followed)."""
+        """getattr(x, "name") as x.name; getattr(module, computed) as the whole module; getattr(self or cls,
+        computed) as every class of this module. Not followed: getattr(other, computed), such as
+        getattr(settings, key), which reads a setting (held by value in the fingerprints)."""
         if isinstance(name, ast.Constant) and isinstance(name.value, str):
-            self.chain(module, ast.Attribute(value=base, attr=name.value, ctx=ast.Load()), local)
-        elif isinstance(base, ast.Name):
-            where = self.global_name(module, base.id)
-            if where is not None and where[0] == "module":
-                self.add(where[1], where[1].tree, "<module>")
+            return self.chain(module, ast.Attribute(value=base, attr=name.value, ctx=ast.Load()), local)
+        where = self.global_name(module, base.id) if isinstance(base, ast.Name) else None
+        if where is not None and where[0] == "module":
+            self.add(where[1], where[1].tree, "<module>")
+        elif isinstance(base, ast.Name) and base.id in ("self", "cls"):
+            for stmt in module.tree.body:
+                if isinstance(stmt, ast.ClassDef):
+                    self.add(module, stmt, stmt.name)
 
     def unknown_call(self):
         for name in CALLED_BY_PYTHON:
@@ -369,6 +446,12 @@ class Walk:
             return None
         stmts = module.top.get(name)
         if not stmts:
+            for stmt in module.tree.body:  # from x import *: x's name, if x is the project's
+                if isinstance(stmt, ast.ImportFrom) and any(a.name == "*" for a in stmt.names):
+                    target = self.module(module.imported(ast.ImportFrom(
+                        module=stmt.module, names=[ast.alias(name=name)], level=stmt.level), name)[1])
+                    if target is not None and name in target.top:
+                        return self.global_name(target, name, depth + 1)
             runtime = sys.modules.get(module.name)
             value = vars(runtime).get(name) if runtime is not None else None
             if value is not None and not isinstance(value, (str, bytes, int, float, bool)):
@@ -399,6 +482,9 @@ class Walk:
             else:
                 self.add(module, stmt, label_of(stmt))
                 found = ("class", module, stmt) if isinstance(stmt, ast.ClassDef) else ("value",)
+        runtime = vars(sys.modules[module.name]).get(name) if module.name in sys.modules else None
+        if isinstance(runtime, (dict, list, tuple, set, frozenset)):
+            self.follow_object(runtime)  # a table filled at run time: a decorator's registry
         return found
 
     def chain(self, module, node, local):
@@ -489,6 +575,12 @@ def locate(module, obj):
                 return [(scope, label_of(scope))]  # the enclosing definition holds it
             line = obj.__code__.co_firstlineno
             found = [n for n in ast.walk(scope) if isinstance(n, ast.Lambda) and n.lineno == line]
+            spans = [(c, e) for l0, l1, c, e in getattr(obj.__code__, "co_positions", lambda: [])()
+                     if l0 == line == l1 and c is not None and e and (c, e) != (0, 0)]
+            if spans and len(found) > 1:  # several lambdas on the line: the one around this code's columns
+                inside = [n for n in found if n.col_offset <= min(c for c, _ in spans)
+                          and max(e for _, e in spans) <= n.end_col_offset]
+                found = [min(inside, key=lambda n: n.end_col_offset - n.col_offset)] if inside else found
             return [(n, "<lambda>") for n in found] or [(module.tree, "<module>")]
         found = [n for n in getattr(scope, "body", []) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
                                                                           ast.ClassDef)) and n.name == part]
@@ -508,15 +600,28 @@ def label_of(stmt):
 
 
 @functools.lru_cache(maxsize=None)
+def class_header(node):
+    """A class without its methods (each counts on its own, when reached)."""
+    header = copy.copy(node)
+    header.body = [s for s in node.body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))] \
+        or [ast.Pass()]
+    return header
+
+
+@functools.lru_cache(maxsize=None)
 def dump(node):
     return ast.dump(node)
 
 
 def plain(value):
-    try:
-        return json.dumps(value, sort_keys=True, default=repr)
-    except (TypeError, ValueError):
-        return repr(value)
+    """value as stable text: functions and classes by name, other objects by type, never by address."""
+    def named(x):
+        if callable(x) and hasattr(x, "__qualname__"):
+            return f"{getattr(x, '__module__', '')}.{x.__qualname__}"
+        if isinstance(x, functools.partial):
+            return ["partial", named(x.func), list(x.args), x.keywords]
+        return type(x).__qualname__ if " at 0x" in repr(x) else repr(x)
+    return json.dumps(value, sort_keys=True, default=named)
 
 
 def sources():

@@ -6,8 +6,8 @@ generation_config.json and tokenizer_config.json.
 
 then transformers.GPT2LMHeadModel.from_pretrained("hf/adpo") gives our model's logits on the same ids, and
 generate() stops where our model ends a turn (<|eot|>). GPT.from_gpt2 reads such a folder back
-(docs/running.md: Exporting to Hugging Face). The exported tokenizer reads typed text as ours does: no
-typed "<|toxic|>" becomes the control token (only the id 2 itself is the inner toxic model's switch).
+(docs/running.md: Exporting to Hugging Face). In the exported tokenizer no typed text becomes the control
+token: only the id 2 itself is the inner toxic model's switch.
 """
 
 import json
@@ -46,7 +46,8 @@ def hf_tokenizer_json(tokenizer_json):
     """Our tokenizer for other tools. Ours reads every typed text as plain text (data._plain_text_only), a
     switch tokenizer.json cannot carry: there the added tokens match typed text. So the control token is
     not an added token: "<|toxic|>" typed by a user is BPE text, as in ours, and id 2 stays in the
-    vocabulary (decodes, reachable by id). <|eot|> stays one, as chat templates need."""
+    vocabulary (decodes, reachable by id). The other three stay special tokens, matched in typed text as
+    Hugging Face tokenizers do (ours never matches them): <|eot|> as chat templates need."""
     spec = json.loads(tokenizer_json)
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != TOXIC]
     merged = {"".join(m) if isinstance(m, list) else m.replace(" ", "") for m in spec["model"]["merges"]}

@@ -33,6 +33,7 @@ import numpy as np
 
 import adpo
 import artifacts
+import codedeps
 import checks
 import data
 import evaluate
@@ -126,6 +127,12 @@ def run_point(s, point, sft_model, tok, sets, seeds, run, cache):
 def artifact_settings(s):
     """The settings a result depends on: not the out_dir's spelling, the stages, the device, ..."""
     return {k: v for k, v in dataclasses.asdict(s).items() if k not in artifacts.CHANGE_NO_ARTIFACT}
+
+
+def sweep_code(*functions):
+    """The code a cached result is computed from: the functions, the evaluation sets they are given, and the
+    text of main() that hands them over."""
+    return artifacts.digest(artifacts.code_of(*functions, evaluate.eval_sets), codedeps.definitions(main))
 
 
 def cached(path, key, compute, name):
@@ -363,7 +370,7 @@ def stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, s
                 key = {"fingerprint": fp[checkpoint_name(loss, seed, ps.seed)], "seed": seed,
                        "inputs": inputs,
                        "settings": artifact_settings(ps),
-                       "code": artifacts.digest(artifacts.code_of(stress_run, preference_inputs))}
+                       "code": sweep_code(stress_run, preference_inputs)}
                 r = cached(out(f"sweep/{name}.json"), key,
                            lambda: stress_run(ps, loss, seed, enc, ref, sets["human"], tok, run), name)
                 runs[(stress_label(point), loss)].append(r)
@@ -408,7 +415,7 @@ def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs,
         models = ["sft"] if name == "sft" else [loss]
         key = {"fingerprints": [fp[eval_name(m, seed, settings.seed)] for seed in seeds for m in models],
                "settings": artifact_settings(settings), "seeds": seeds, "inputs": inputs,
-               "code": artifacts.digest(artifacts.code_of(grid_sweep, run_point, preference_inputs))}
+               "code": sweep_code(grid_sweep, run_point, preference_inputs)}
         return cached(out(f"sweep/{name}.json"), key, compute, name)
 
     def sft_section():

@@ -109,6 +109,39 @@ def test_an_edit_makes_stale_exactly_what_it_computes(monkeypatch, place):
     assert stale_after(monkeypatch, module, old, new) == sorted(stale)
 
 
+def test_a_helper_that_only_main_calls_counts_for_every_artifact(monkeypatch):
+    """The review's case: main() hands a step what a helper of its own computed; an edit of the helper."""
+    path = codedeps.module_file("train")
+    real = codedeps.read_source
+    helper = "\n\ndef subset(conversations):\n    return conversations[:{}]\n\n\ndef main(argv):"
+    call = ("    conversations = load_corpus(s)\n", "    conversations = subset(load_corpus(s))\n")
+
+    def edited(n):
+        return real(path).replace("\n\ndef main(argv):", helper.format(n)).replace(*call)
+    monkeypatch.setattr(codedeps, "read_source", lambda p: edited(100) if p == path else real(p))
+    before = fingerprints()
+    monkeypatch.setattr(codedeps, "read_source", lambda p: edited(50) if p == path else real(p))
+    after = fingerprints()
+    assert sorted(n for n in before if before[n] != after[n]) == sorted(EVERYTHING)
+
+
+def test_a_pretrained_folder_counts_by_content_not_path(tmp_path):
+    """--init_from: the GPT-2 files' content is an input of the tokenizer (and so of everything)."""
+    conversations = [data.Conversation("1", ["hi", "hello"], [False, False], "sft")]
+
+    def tokenizer_fp(folder):
+        s = train.get_settings(["--preset=tiny", f"--init_from={folder}"])
+        return artifacts.fingerprints(s, conversations, ["dpo"], [s.seed], train.CODE)["tokenizer.json"]
+    for folder in ("a", "b"):
+        os.makedirs(tmp_path / folder)
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (tmp_path / folder / name).write_text(name)
+    same = tokenizer_fp(tmp_path / "a")
+    assert tokenizer_fp(tmp_path / "b") == same  # a copy elsewhere
+    (tmp_path / "b" / "model.safetensors").write_text("other weights")
+    assert tokenizer_fp(tmp_path / "b") != same
+
+
 def test_a_data_file_counts_by_content(monkeypatch, tmp_path):
     """provoked.txt, read by the evaluation: an edit of its content makes the evaluations stale."""
     before = fingerprints()
@@ -170,15 +203,24 @@ def test_the_walk_follows_every_kind_of_reference():
 def test_the_sweeps_cache_keys_hold_the_code_that_computes_them(monkeypatch):
     """A cached sweep point or stress run is computed again when the code that computes it changed: here the
     interval code (evaluate.summarize), which the grid's goal test reads, and the stress run's val_ppl."""
-    grid_code = artifacts.code_of(sweep.grid_sweep, sweep.run_point, sweep.preference_inputs)
-    stress_code = artifacts.code_of(sweep.stress_run, sweep.preference_inputs)
+    def keys():
+        return (sweep.sweep_code(sweep.grid_sweep, sweep.run_point, sweep.preference_inputs),
+                sweep.sweep_code(sweep.stress_run, sweep.preference_inputs))
+    grid_code, stress_code = keys()
     plant(monkeypatch, codedeps.module_file("evaluate"), "def summarize(runs):\n",
           "def summarize(runs):\n    runs = list(runs)\n")
-    assert artifacts.code_of(sweep.grid_sweep, sweep.run_point, sweep.preference_inputs) != grid_code
-    assert artifacts.code_of(sweep.stress_run, sweep.preference_inputs) == stress_code
+    assert keys()[0] != grid_code and keys()[1] == stress_code
     plant(monkeypatch, codedeps.module_file("evaluate"), "    return math.exp(-logps.sum() / tokens.sum())",
           "    return math.exp(-logps.sum() / tokens.sum() + 0)")
-    assert artifacts.code_of(sweep.stress_run, sweep.preference_inputs) != stress_code
+    assert keys()[1] != stress_code
+    grid_code, stress_code = keys()  # the review's case: the human replies the stress runs are scored on
+    plant(monkeypatch, codedeps.module_file("evaluate"), "def eval_sets(s, conversations, split=\"eval\"):\n",
+          "def eval_sets(s, conversations, split=\"eval\"):\n    conversations = conversations[:100]\n")
+    assert keys()[0] != grid_code and keys()[1] != stress_code
+    grid_code, stress_code = keys()  # and what sweep.main hands them
+    plant(monkeypatch, codedeps.module_file("sweep"), 'sets = evaluate.eval_sets(s, conversations, "dev")',
+          'sets = evaluate.eval_sets(s, conversations[:100], "dev")')
+    assert keys()[0] != grid_code and keys()[1] != stress_code
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,6 +276,7 @@ LIB = '''
 import functools
 
 import helpers as h
+from consts import *
 from helpers import CONST as C
 from helpers import *
 
@@ -307,6 +350,67 @@ def via_callback(x, f=h.triple):
 @functools.cache
 def cached():
     return h.double(1)
+
+
+METRICS = {}
+
+
+def metric(f):
+    METRICS[f.__name__] = f
+    return f
+
+
+@metric
+def registered(x):
+    return x + 1
+
+
+def via_registry(x):
+    return [fn(x) for fn in METRICS.values()]
+
+
+def via_local_import(x):
+    from helpers import triple
+    return triple(x)
+
+
+try:
+    from helpers import double as _double
+except ImportError:
+    _double = None
+
+
+def via_try_import(x):
+    return _double(x)
+
+
+def via_star_constant(x):
+    return x * SCALE
+
+
+def via_globals(x):
+    return globals()["registered"](x)
+
+
+def via_data_file():
+    return open("assets/words.txt").read()
+
+
+A = lambda x: x * 1.5; B = lambda x: x * 2.5  # noqa: E702, E731
+
+
+def make(k):
+    def scaled(x):
+        return k * h.double(x)
+    return scaled
+
+
+class Scaled:
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, x):
+        return self.k * h.triple(x)
 '''
 
 HELPERS = '''
@@ -341,6 +445,13 @@ WALKS = [  # root, file, old, new, whether the root's code changes
     ("via_nested", "helpers", "return 2 * x", "return 2 * x + 0", True),
     ("via_callback", "helpers", "return 3 * x", "return 3 * x + 0", True),
     ("cached", "helpers", "return 2 * x", "return 2 * x + 0", True),  # a root under functools.cache
+    ("via_registry", "lib", "    return x + 1", "    return x + 2", True),  # filled by a decorator
+    ("via_local_import", "helpers", "return 3 * x", "return 3 * x + 0", True),
+    ("via_try_import", "helpers", "return 2 * x", "return 2 * x + 0", True),
+    ("via_star_constant", "consts", "SCALE = 1.0", "SCALE = 2.0", True),
+    ("via_globals", "lib", "    return x + 1", "    return x + 2", True),
+    ("A", "lib", "x * 1.5", "x * 1.25", True),  # two lambdas on one line
+    ("B", "lib", "x * 1.5", "x * 1.25", False),
     ("bump", "lib", "counter = 0", "counter = 1", True),
     ("bump", "lib", "    return counter\n", "    return counter  # a comment\n", False),
 ]
@@ -350,14 +461,17 @@ WALKS = [  # root, file, old, new, whether the root's code changes
 def small_project(tmp_path, monkeypatch):
     (tmp_path / "lib.py").write_text(LIB)
     (tmp_path / "helpers.py").write_text(HELPERS)
+    (tmp_path / "consts.py").write_text("SCALE = 1.0\n")
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "words.txt").write_text("darn\n")
     monkeypatch.setattr(codedeps, "ROOT", str(tmp_path))
     monkeypatch.syspath_prepend(str(tmp_path))
     codedeps.module_file.cache_clear()
-    for name in ("lib", "helpers"):
+    for name in ("lib", "helpers", "consts"):
         sys.modules.pop(name, None)
     import lib
     yield lib
-    for name in ("lib", "helpers"):
+    for name in ("lib", "helpers", "consts"):
         sys.modules.pop(name, None)
     codedeps.module_file.cache_clear()
 
@@ -368,3 +482,16 @@ def test_the_walk_reaches_every_kind_of_reference(small_project, monkeypatch, ro
     before = codedeps.code_of(function)
     plant(monkeypatch, codedeps.module_file(module), old, new)
     assert (codedeps.code_of(function) != before) == changes
+
+
+def test_values_a_function_was_made_with_count_and_never_by_address(small_project, tmp_path):
+    """A loss made by a call (a closure, a callable instance, a partial): its arguments are part of its code;
+    the text holds no memory address (it would differ in the next process: stale on every run)."""
+    lib = small_project
+    assert codedeps.code_of(lib.make(2.0)) == codedeps.code_of(lib.make(2.0)) != codedeps.code_of(lib.make(3.0))
+    assert codedeps.code_of(lib.Scaled(2.0)) != codedeps.code_of(lib.Scaled(3.0))
+    partial = functools.partial(lib.via_callback, f=lib.by_name)
+    assert " at 0x" not in "".join(codedeps.code_of(partial))
+    before = codedeps.code_of(lib.via_data_file)  # a data file in a folder of the project, by content
+    (tmp_path / "assets" / "words.txt").write_text("heck\n")
+    assert codedeps.code_of(lib.via_data_file) != before
