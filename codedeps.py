@@ -335,29 +335,21 @@ class Walk:
     # the source
 
     def scan(self, module, node):
-        local = local_names(node)
-        inner = {id(n.value) for n in ast.walk(node) if isinstance(n, ast.Attribute)}
-        called = {id(n.func) for n in ast.walk(node) if isinstance(n, ast.Call)}
-        for n in ast.walk(node):
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.endswith(DATA_SUFFIXES) \
-                    and "\n" not in n.value and len(n.value) < 256:
-                self.add_file(n.value)
-            elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in inner:
+        local, events = references(node)
+        for kind, n in events:
+            if kind == "file":
+                self.add_file(n)
+            elif kind == "name":
                 self.global_name(module, n.id)  # a local too: it may shadow a module-level name
-                if n.id in local and id(n) in called:
-                    self.unknown_call()
-            elif isinstance(n, ast.Attribute) and id(n) not in inner:
+            elif kind == "chain":
                 self.chain(module, n, local)
-            elif isinstance(n, ast.Call) and not isinstance(n.func, (ast.Name, ast.Attribute)):
-                self.unknown_call()  # layers[i](x), make()(x)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "getattr" \
-                    and len(n.args) >= 2:
+            elif kind == "unknown call":
+                self.unknown_call()  # layers[i](x), make()(x), compute() of a parameter
+            elif kind == "getattr":
                 self.dynamic_attribute(module, n.args[0], n.args[1], local)
-            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("globals", "vars") \
-                    and not n.args or isinstance(n, ast.Attribute) and n.attr == "modules" \
-                    and isinstance(n.value, ast.Name) and n.value.id == "sys":
+            elif kind == "runtime names":
                 self.add(module, module.tree, "<module>")  # names looked up at run time: the whole module
-            elif isinstance(n, (ast.Import, ast.ImportFrom)) and node is not module.tree:
+            elif kind == "import" and node is not module.tree:
                 self.local_import(module, n)
 
     def local_import(self, module, stmt):
@@ -405,7 +397,7 @@ class Walk:
         those, by name)."""
         universe = self.universe()
         if self.index is None or self.index[0] != universe:
-            self.index = (universe, member_index([self.module(m) for m in sorted(universe)]))
+            self.index = (universe, member_index(tuple(self.module(m) for m in sorted(universe))))
         for module, cls, stmt in self.index[1].get(name, []):
             if classes is None or cls.name in classes:
                 self.add(module, stmt, label_of(stmt))
@@ -414,29 +406,26 @@ class Walk:
         """The names of the classes that some project class derives from."""
         universe = self.universe()
         if getattr(self, "_parents", (None,))[0] != universe:
-            self._parents = (universe, base_classes([self.module(m) for m in sorted(universe)]))
+            self._parents = (universe, base_classes(tuple(self.module(m) for m in sorted(universe))))
         return self._parents[1]
 
     def universe(self):
         """The project modules that the modules met so far import, directly or not (never the tools that
         import train.py: nothing of theirs can reach its code), this file aside (it computes fingerprints,
         not artifacts)."""
+        if self._universe and len(self.modules) == self._universe[2]:
+            return self._universe[0]
         names = {m for m, module in self.modules.items() if module is not None}
         if self._universe and names <= self._universe[1]:
+            self._universe = (*self._universe[:2], len(self.modules))
             return self._universe[0]
         todo = list(names)
         while todo:
-            module = self.module(todo.pop())
-            for node in ast.walk(module.tree):
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    for alias in node.names:
-                        source = module.imported(node, alias.asname or alias.name.split(".")[0])
-                        for name in ([source[1]] if source[0] == "module" else
-                                     [source[1], f"{source[1]}.{source[2]}"]):
-                            if name not in names and self.module(name) is not None:
-                                names.add(name)
-                                todo.append(name)
-        self._universe = (frozenset(names - {__name__}), names)
+            for name in imported_modules(self.module(todo.pop())):
+                if name not in names and self.module(name) is not None:
+                    names.add(name)
+                    todo.append(name)
+        self._universe = (frozenset(names - {__name__}), names, len(self.modules))
         return self._universe[0]
 
     def global_name(self, module, name, depth=0):
@@ -522,6 +511,20 @@ class Walk:
             self.member(attr)
 
 
+@functools.lru_cache(maxsize=None)
+def imported_modules(module):
+    """The modules a module imports anywhere in it, and for `from m import x` also m.x (a submodule)."""
+    names = []
+    for node in ast.walk(module.tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                source = module.imported(node, alias.asname or alias.name.split(".")[0])
+                if source is not None:
+                    names += [source[1]] if source[0] == "module" else [source[1], f"{source[1]}.{source[2]}"]
+    return tuple(dict.fromkeys(names))
+
+
+@functools.lru_cache(maxsize=64)
 def member_index(modules):
     """{name: [(module, class, statement)]}: every statement of a class that defines member `name` (methods,
     class attributes, and the methods that assign self.name)."""
@@ -540,9 +543,40 @@ def member_index(modules):
     return index
 
 
+@functools.lru_cache(maxsize=64)
 def base_classes(modules):
     return {b.id if isinstance(b, ast.Name) else b.attr for m in modules for c in ast.walk(m.tree)
             if isinstance(c, ast.ClassDef) for b in c.bases if isinstance(b, (ast.Name, ast.Attribute))}
+
+
+@functools.lru_cache(maxsize=None)
+def references(node):
+    """What a piece of code refers to, read once: (its local names, [(kind, syntax node)])."""
+    local = local_names(node)
+    inner = {id(n.value) for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+    called = {id(n.func) for n in ast.walk(node) if isinstance(n, ast.Call)}
+    events = []
+    for n in ast.walk(node):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.endswith(DATA_SUFFIXES) \
+                and "\n" not in n.value and len(n.value) < 256:
+            events.append(("file", n.value))
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in inner:
+            events.append(("name", n))
+            if n.id in local and id(n) in called:
+                events.append(("unknown call", n))
+        elif isinstance(n, ast.Attribute) and id(n) not in inner:
+            events.append(("chain", n))
+        elif isinstance(n, ast.Call) and not isinstance(n.func, (ast.Name, ast.Attribute)):
+            events.append(("unknown call", n))
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "getattr" and len(n.args) >= 2:
+            events.append(("getattr", n))
+        elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("globals", "vars")
+              and not n.args) or (isinstance(n, ast.Attribute) and n.attr == "modules"
+                                  and isinstance(n.value, ast.Name) and n.value.id == "sys"):
+            events.append(("runtime names", n))
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            events.append(("import", n))
+    return local, events
 
 
 def local_names(node):

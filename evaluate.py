@@ -662,8 +662,8 @@ def report_files(s, runs, sets, samples, triplets, logratios, stage_seconds, wal
                  "contexts' bootstrap variance added (training noise included)" if s.seeds > 1 else
                  "95% bootstrap over contexts (one seed: training noise not included, so a difference is "
                  "one between these trained models, not yet between their methods: --seeds=3 or more for that)")
-    paired = ("the per-seed differences (t interval)" if s.seeds > 1 else
-              "the same contexts for both (bootstrap)")
+    paired = ("a t interval over the per-seed differences" if s.seeds > 1 else
+              "a bootstrap of the contexts, the same for both")
     markdown = (f"# ADPO report ({s.preset} preset, {s.seeds} seed(s), {wall_time_s / 60:.1f} min)\n\n"
                 f"{table}\n\n"
                 f"Intervals: {intervals}. Different only where the paired 95% interval of the "
