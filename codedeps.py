@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA_SUFFIXES = (".txt", ".csv", ".tsv")  # data files the code may read; artifacts (out_dir) are never these
 NOT_PROJECT_DIRS = {"out", "docs", "tests", "__pycache__", "site-packages", "venv", ".venv", "env"}
 CALLED_BY_PYTHON = ("forward", "__call__")  # what calling an unknown object may run
+MUTATORS = ("append", "extend", "insert", "update", "setdefault", "add", "register", "pop", "remove", "clear")
+IMPLICIT = ("forward", "backward", "setup_context")  # methods torch calls itself (nn.Module, autograd.Function)
 
 
 def read_source(path):
@@ -154,7 +156,8 @@ def bound_names(stmt):
                 names.append(node.id)
             elif isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(node.ctx, ast.Store):
                 names.append(chain_base(node))
-    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Attribute):
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Attribute) \
+            and stmt.value.func.attr in MUTATORS:
         names.append(chain_base(stmt.value.func))  # TABLE.update(...), TABLE.append(...)
     for field in ("body", "orelse", "finalbody", "handlers"):
         for child in getattr(stmt, field, None) or []:
@@ -197,6 +200,7 @@ class Walk:
         self.seen = set()
         self.modules = {}
         self.excluded = set()
+        self.members_asked = set()
         for obj in (x for x in exclude if not isinstance(x, str)):
             target = inspect.unwrap(obj.__func__ if inspect.ismethod(obj) else obj)
             module = self.module(real_name(target.__module__))
@@ -230,17 +234,26 @@ class Walk:
     def run(self, roots):
         for root in roots:
             self.follow_root(root)
-        while self.todo:
+        answered = None
+        while self.todo or answered != self.universe():
+            if not self.todo:  # modules met late may hold members asked for early
+                answered = self.universe()
+                for name, classes in list(self.members_asked):
+                    self.member(name, classes)
+                continue
             module, node, self.current = self.todo.pop()
             if node is module.tree:  # a whole module: each of its statements
                 for stmt in module.tree.body:
                     if not any((module.name, n) in self.exclude for n in bound_names(stmt)):
                         self.add(module, stmt, label_of(stmt))
-            elif isinstance(node, ast.ClassDef):  # a class: its bases, decorators and class attributes, and
-                self.scan(module, class_header(node))  # the methods Python calls by itself (__init__,
-                for stmt in node.body:  # __call__, __contains__, ...); the others by their names
-                    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
-                            stmt.name.startswith("__") and stmt.name.endswith("__"):
+            elif isinstance(node, ast.ClassDef):  # a class: its bases, decorators and class attributes, the
+                header = class_header(node)  # methods they name (property(_get), a table of methods), and
+                self.scan(module, header)  # those Python or torch call by themselves (__init__, __call__,
+                named = {n.id for n in ast.walk(header) if isinstance(n, ast.Name)}  # forward, ...); the
+                for stmt in node.body:  # others by their names
+                    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                            stmt.name in named or stmt.name in IMPLICIT
+                            or stmt.name.startswith("__") and stmt.name.endswith("__")):
                         self.add(module, stmt, stmt.name)
             else:
                 self.scan(module, node)
@@ -384,9 +397,11 @@ class Walk:
         if where is not None and where[0] == "module":
             self.add(where[1], where[1].tree, "<module>")
         elif isinstance(base, ast.Name) and base.id in ("self", "cls"):
-            for stmt in module.tree.body:
-                if isinstance(stmt, ast.ClassDef):
-                    self.add(module, stmt, stmt.name)
+            for cls in module.tree.body:  # every class of the module, every method
+                if isinstance(cls, ast.ClassDef):
+                    self.add(module, cls, cls.name)
+                    for stmt in cls.body:
+                        self.add(module, stmt, label_of(stmt))
 
     def unknown_call(self):
         for name in CALLED_BY_PYTHON:
@@ -394,7 +409,8 @@ class Walk:
 
     def member(self, name, classes=None):
         """Every definition of member `name` in the classes of the modules the walk can reach (classes: only
-        those, by name)."""
+        those, by name). Asked again when the walk has met more modules (Walk.run)."""
+        self.members_asked.add((name, classes))
         universe = self.universe()
         if self.index is None or self.index[0] != universe:
             self.index = (universe, member_index(tuple(self.module(m) for m in sorted(universe))))
@@ -434,13 +450,16 @@ class Walk:
         if depth > 20 or (module.name, name) in self.exclude:
             return None
         stmts = module.top.get(name)
+        starred = None
+        for stmt in module.tree.body:  # from x import *: x's name, if x is the project's (all of them: which
+            if isinstance(stmt, ast.ImportFrom) and any(a.name == "*" for a in stmt.names):  # one binds last
+                target = self.module(module.imported(ast.ImportFrom(  # depends on the order)
+                    module=stmt.module, names=[ast.alias(name=name)], level=stmt.level), name)[1])
+                if target is not None and name in target.top:
+                    starred = self.global_name(target, name, depth + 1) or starred
+        if not stmts and starred is not None:
+            return starred
         if not stmts:
-            for stmt in module.tree.body:  # from x import *: x's name, if x is the project's
-                if isinstance(stmt, ast.ImportFrom) and any(a.name == "*" for a in stmt.names):
-                    target = self.module(module.imported(ast.ImportFrom(
-                        module=stmt.module, names=[ast.alias(name=name)], level=stmt.level), name)[1])
-                    if target is not None and name in target.top:
-                        return self.global_name(target, name, depth + 1)
             runtime = sys.modules.get(module.name)
             value = vars(runtime).get(name) if runtime is not None else None
             if value is not None and not isinstance(value, (str, bytes, int, float, bool)):
@@ -485,7 +504,7 @@ class Walk:
         attrs.reverse()
         if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super":
             # super().x: x of a project class that some project class derives from
-            return self.member(attrs[0], classes=self.parents())
+            return self.member(attrs[0], classes=frozenset(self.parents()))
         if not isinstance(base, ast.Name):
             return self.unknown_chain(attrs)  # f().x, table[k].x: the base itself is scanned on its own
         if base.id in local:
@@ -648,42 +667,51 @@ def dump(node):
 
 
 def plain(value):
-    """value as stable text: functions and classes by name, other objects by type, never by address."""
-    def named(x):
-        if callable(x) and hasattr(x, "__qualname__"):
-            return f"{getattr(x, '__module__', '')}.{x.__qualname__}"
-        if isinstance(x, functools.partial):
-            return ["partial", named(x.func), list(x.args), x.keywords]
-        return type(x).__qualname__ if " at 0x" in repr(x) else repr(x)
-    return json.dumps(value, sort_keys=True, default=named)
+    """value as stable text: what it holds, never a memory address, a path or a hash order."""
+    return json.dumps(normalized(value), sort_keys=True)
 
 
-def sources():
-    """The text of every file the walk may read, as (path, hash): a walk is done again when one changed."""
-    found = []
-    for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = sorted(d for d in dirs if d not in NOT_PROJECT_DIRS and not d.startswith("."))
-        for name in sorted(files):
-            if name.endswith((".py", *DATA_SUFFIXES)):
-                path = os.path.join(folder, name)
-                text = read_source(path) if name.endswith(".py") else open(path, "rb").read().decode("latin-1")
-                found.append((path, hashlib.sha256(text.encode("utf-8")).hexdigest()))
-    return tuple(found)
-
-
-_REACHED = {}
+def normalized(x, depth=0):
+    """x as JSON values: arrays and tensors by their bytes' hash, sets sorted, dicts as sorted pairs,
+    functions and classes by name, modules by name, other objects by type and attributes."""
+    if depth > 8:
+        return type(x).__qualname__
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, (list, tuple)):
+        return [normalized(v, depth + 1) for v in x]
+    if isinstance(x, (set, frozenset)):
+        return sorted((normalized(v, depth + 1) for v in x), key=json.dumps)
+    if isinstance(x, dict):
+        return sorted(([normalized(k, depth + 1), normalized(v, depth + 1)] for k, v in x.items()), key=json.dumps)
+    if inspect.ismodule(x):
+        return {"module": x.__name__}
+    if isinstance(x, functools.partial):
+        return {"partial": normalized(x.func, depth + 1), "args": normalized(x.args, depth + 1),
+                "keywords": normalized(x.keywords, depth + 1)}
+    if inspect.ismethod(x):
+        return {"method": normalized(x.__func__, depth + 1), "of": normalized(x.__self__, depth + 1)}
+    if inspect.isfunction(x) or inspect.isclass(x) or inspect.isbuiltin(x):
+        return f"{getattr(x, '__module__', '')}.{getattr(x, '__qualname__', repr(x))}"
+    if hasattr(x, "state_dict") and callable(x.state_dict):  # an nn.Module: its weights
+        return {"module": type(x).__qualname__, "state": normalized(dict(x.state_dict()), depth + 1)}
+    if hasattr(x, "detach") and hasattr(x, "dtype"):  # a tensor
+        x = x.detach().cpu().contiguous()
+        raw = x.reshape(-1).view(__import__("torch").uint8).numpy().tobytes()
+        return {"tensor": str(x.dtype), "shape": list(x.shape), "sha256": hashlib.sha256(raw).hexdigest()}
+    if hasattr(x, "tobytes") and hasattr(x, "dtype"):  # a numpy array or scalar
+        return {"array": str(x.dtype), "shape": list(getattr(x, "shape", ())),
+                "sha256": hashlib.sha256(x.tobytes()).hexdigest()}
+    if hasattr(x, "__dict__"):
+        return {"object": type(x).__qualname__, "attributes": normalized(vars(x), depth + 1)}
+    text = repr(x)
+    return type(x).__qualname__ if " at 0x" in text else text
 
 
 def reached(*roots, exclude=()):
-    """{label: text} of every piece of code and data the roots reach."""
-    try:
-        key = (roots, tuple(exclude), sources())
-        hash(key)
-    except TypeError:  # a root that is not hashable (a dict of functions): no cache
-        return Walk(exclude).run(roots)
-    if key not in _REACHED:
-        _REACHED[key] = Walk(exclude).run(roots)
-    return dict(_REACHED[key])
+    """{label: text} of every piece of code and data the roots reach. Walked anew each call: runtime values
+    (a registry, a callable's attributes) can change between calls; the reading of the source is cached."""
+    return Walk(exclude).run(roots)
 
 
 def definitions(*objects):

@@ -443,11 +443,15 @@ def summarize(runs):
         section[key] = transform(ratio(num.sum(), den.sum()))
         contexts = bootstrap_draws(num, den, TRANSFORMS.get(key))
         section[f"{key}_ci95"] = percentile_ci(contexts)
-        if len(runs) > 1:  # on the scale of the ratio (val_ppl: the mean NLL), then transformed
+        if len(runs) > 1:  # on the scale of the ratio (val_ppl: the mean NLL, at least 0), then transformed
             values = seed_values(runs, key, transformed=False)
             center = float(values.mean())
-            se = math.sqrt(values.var(ddof=1) / len(values) + bootstrap_draws(num, den).var())
-            low, high = (transform(center + sign * t975(len(values) - 1) * se) for sign in (-1, 1))
+            continuity = float(np.mean(count_steps(runs, key) ** 2)) / 12  # a count of 0 is no certainty
+            se = math.sqrt((values.var(ddof=1) + continuity) / len(values) + bootstrap_draws(num, den).var())
+            low, high = (center + sign * t975(len(values) - 1) * se for sign in (-1, 1))
+            if key in TRANSFORMS:
+                low, high = max(low, 0.0), max(high, 0.0)
+            low, high = transform(low), transform(high)
             if key.startswith(RATES):
                 low, high = max(low, 0.0), min(high, 1.0)
             section[f"{key}_ci95_clustered"] = [float(low), float(high)]
@@ -468,11 +472,18 @@ def paired_differences(report, runs):
                 if ref not in models or name in (ref, "sft"):
                     continue
                 diff = report[name][key] - report[ref][key]
+                if len(runs[name]) != len(runs[ref]):
+                    raise ValueError(f"{name} has {len(runs[name])} seed(s), {ref} {len(runs[ref])}: "
+                                     "paired differences need the same seeds")
                 if len(runs[name]) > 1:  # the mean of the per-seed differences, and their spread
-                    per_seed = seed_values(runs[name], key) - seed_values(runs[ref], key)
-                    diff = float(per_seed.mean())
-                    half = t_halfwidth(per_seed, count_steps(runs[name], key))
-                    ci = [diff - half, diff + half]
+                    per_seed = seed_values(runs[name], key, False) - seed_values(runs[ref], key, False)
+                    mean, half = float(per_seed.mean()), t_halfwidth(per_seed, count_steps(runs[name], key))
+                    if key in TRANSFORMS:  # val_ppl: NLL differences, shown as perplexity differences from
+                        base = report[ref][key]  # the reference's (the sign is the NLL difference's)
+                        diff, ci = base * math.expm1(mean), [base * math.expm1(mean - half),
+                                                             base * math.expm1(mean + half)]
+                    else:
+                        diff, ci = mean, [mean - half, mean + half]
                 else:
                     ci = percentile_ci(context_paired_draws(runs[name], key) - context_paired_draws(runs[ref], key))
                 report[name][f"{key}_diff_vs_{ref}"] = diff

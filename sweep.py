@@ -132,7 +132,10 @@ def artifact_settings(s):
 def sweep_code(*functions):
     """The code a cached result is computed from: the functions, the evaluation sets they are given, and the
     text of main() that hands them over."""
-    return artifacts.digest(artifacts.code_of(*functions, evaluate.eval_sets), codedeps.definitions(main))
+    # not the code that computes the key itself (sweep_code, and train.CODE, whose fingerprints are in it)
+    code = codedeps.code_of(*functions, evaluate.eval_sets,
+                            exclude=artifacts.SHARED_EXCLUDES + (sweep_code, "train.CODE"))
+    return artifacts.digest(code, codedeps.definitions(main))
 
 
 def cached(path, key, compute, name):
@@ -370,7 +373,7 @@ def stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, s
                 key = {"fingerprint": fp[checkpoint_name(loss, seed, ps.seed)], "seed": seed,
                        "inputs": inputs,
                        "settings": artifact_settings(ps),
-                       "code": sweep_code(stress_run, preference_inputs)}
+                       "code": sweep_code(stress_sweep, stress_run, preference_inputs)}
                 r = cached(out(f"sweep/{name}.json"), key,
                            lambda: stress_run(ps, loss, seed, enc, ref, sets["human"], tok, run), name)
                 runs[(stress_label(point), loss)].append(r)

@@ -291,3 +291,24 @@ def test_the_indexed_word_list_answers_as_the_library():
     library = Profanity()
     expected = [library.contains_profanity(t) for t in texts]
     assert list(evaluate.wordlist_judge(texts)) == expected and 5 < sum(expected) < len(texts)
+
+
+def test_second_review_interval_cases():
+    """Perplexity between two very different seeds stays above 1; zero toxic replies in every seed is no
+    certainty of zero; the perplexity difference has the sign of the table's; unequal seeds are refused."""
+    runs = [({}, {"val_ppl": (np.full(10, math.log(p)), np.ones(10))}) for p in (1.2, 30.0)]
+    assert evaluate.summarize(runs)["val_ppl_ci95_clustered"][0] >= 1.0
+    zero = [({}, units_of(np.zeros(128))) for _ in range(2)]
+    low, high = evaluate.summarize(zero)["toxicity_adversarial_ci95_clustered"]
+    assert low == 0.0 < high
+    nll = {"dpo": [4.40, 4.40, 4.40], "adpo": [4.0, 4.35, 4.77]}
+    runs = {name: [({}, {"val_ppl": (np.full(10, v), np.ones(10))}) for v in values] for name, values in nll.items()}
+    report = {name: evaluate.summarize(r) for name, r in runs.items()}
+    evaluate.paired_differences(report, runs)
+    diff = report["adpo"]["val_ppl_diff_vs_dpo"]
+    assert diff == pytest.approx(report["adpo"]["val_ppl"] - report["dpo"]["val_ppl"]) and diff < 0
+    low, high = report["adpo"]["val_ppl_diff_vs_dpo_ci95"]
+    assert low < diff < high
+    runs["adpo"] = runs["adpo"][:2]
+    with pytest.raises(ValueError, match="same seeds"):
+        evaluate.paired_differences(report, runs)

@@ -10,7 +10,9 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import adpo
 import artifacts
@@ -205,7 +207,7 @@ def test_the_sweeps_cache_keys_hold_the_code_that_computes_them(monkeypatch):
     interval code (evaluate.summarize), which the grid's goal test reads, and the stress run's val_ppl."""
     def keys():
         return (sweep.sweep_code(sweep.grid_sweep, sweep.run_point, sweep.preference_inputs),
-                sweep.sweep_code(sweep.stress_run, sweep.preference_inputs))
+                sweep.sweep_code(sweep.stress_sweep, sweep.stress_run, sweep.preference_inputs))
     grid_code, stress_code = keys()
     plant(monkeypatch, codedeps.module_file("evaluate"), "def summarize(runs):\n",
           "def summarize(runs):\n    runs = list(runs)\n")
@@ -217,6 +219,10 @@ def test_the_sweeps_cache_keys_hold_the_code_that_computes_them(monkeypatch):
     plant(monkeypatch, codedeps.module_file("evaluate"), "def eval_sets(s, conversations, split=\"eval\"):\n",
           "def eval_sets(s, conversations, split=\"eval\"):\n    conversations = conversations[:100]\n")
     assert keys()[0] != grid_code and keys()[1] != stress_code
+    grid_code, stress_code = keys()  # the review's case: what stress_sweep hands each run
+    plant(monkeypatch, codedeps.module_file("sweep"), 'stress_run(ps, loss, seed, enc, ref, sets["human"], tok, run)',
+          'stress_run(ps, loss, seed, enc, ref, sets["human"][:10], tok, run)')
+    assert keys()[1] != stress_code
     grid_code, stress_code = keys()  # and what sweep.main hands them
     plant(monkeypatch, codedeps.module_file("sweep"), 'sets = evaluate.eval_sets(s, conversations, "dev")',
           'sets = evaluate.eval_sets(s, conversations[:100], "dev")')
@@ -275,8 +281,11 @@ def test_a_copied_checkout_reruns_nothing_and_an_edit_reruns_what_it_feeds(finis
 LIB = '''
 import functools
 
+import torch
+
 import helpers as h
 from consts import *
+from consts2 import *
 from helpers import CONST as C
 from helpers import *
 
@@ -411,6 +420,46 @@ class Scaled:
 
     def __call__(self, x):
         return self.k * h.triple(x)
+
+
+class Old:
+    def __init__(self):
+        self.v = 1
+
+    def _get(self):
+        return self.v * 3
+
+    value = property(_get)
+
+
+def via_class_property():
+    return Old().value
+
+
+class Ops:
+    def double(self, x):
+        return 2 * x
+
+    OPS = {"double": double}
+
+    def run(self, name, x):
+        return self.OPS[name](self, x)
+
+
+def via_class_table(x):
+    return Ops().run("double", x)
+
+
+class Net(torch.nn.Module):
+    def forward(self, x):
+        return x - 7
+
+
+NET = Net()
+
+
+def via_module_instance(x):
+    return NET(x)
 '''
 
 HELPERS = '''
@@ -450,6 +499,11 @@ WALKS = [  # root, file, old, new, whether the root's code changes
     ("via_try_import", "helpers", "return 2 * x", "return 2 * x + 0", True),
     ("via_star_constant", "consts", "SCALE = 1.0", "SCALE = 2.0", True),
     ("via_globals", "lib", "    return x + 1", "    return x + 2", True),
+    ("via_star_constant", "consts2", "SCALE = 5.0", "SCALE = 6.0", True),  # the last star import binds
+    ("via_class_property", "lib", "return self.v * 3", "return self.v * 4", True),  # a method the body names
+    ("via_class_table", "lib", "    def double(self, x):\n        return 2 * x",
+     "    def double(self, x):\n        return 2 * x + 0", True),
+    ("via_module_instance", "lib", "        return x - 7", "        return x - 8", True),
     ("A", "lib", "x * 1.5", "x * 1.25", True),  # two lambdas on one line
     ("B", "lib", "x * 1.5", "x * 1.25", False),
     ("bump", "lib", "counter = 0", "counter = 1", True),
@@ -462,16 +516,17 @@ def small_project(tmp_path, monkeypatch):
     (tmp_path / "lib.py").write_text(LIB)
     (tmp_path / "helpers.py").write_text(HELPERS)
     (tmp_path / "consts.py").write_text("SCALE = 1.0\n")
+    (tmp_path / "consts2.py").write_text("SCALE = 5.0\n")
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / "words.txt").write_text("darn\n")
     monkeypatch.setattr(codedeps, "ROOT", str(tmp_path))
     monkeypatch.syspath_prepend(str(tmp_path))
     codedeps.module_file.cache_clear()
-    for name in ("lib", "helpers", "consts"):
+    for name in ("lib", "helpers", "consts", "consts2"):
         sys.modules.pop(name, None)
     import lib
     yield lib
-    for name in ("lib", "helpers", "consts"):
+    for name in ("lib", "helpers", "consts", "consts2"):
         sys.modules.pop(name, None)
     codedeps.module_file.cache_clear()
 
@@ -492,6 +547,17 @@ def test_values_a_function_was_made_with_count_and_never_by_address(small_projec
     assert codedeps.code_of(lib.Scaled(2.0)) != codedeps.code_of(lib.Scaled(3.0))
     partial = functools.partial(lib.via_callback, f=lib.by_name)
     assert " at 0x" not in "".join(codedeps.code_of(partial))
+    assert codedeps.plain({"s": {"beta", "alpha", "gamma"}}) == '[["s", ["alpha", "beta", "gamma"]]]'  # no hash order
+    big = np.zeros(2000)
+    bigger = big.copy()
+    bigger[1000] = 1.0  # numpy prints a summary of a big array: its bytes count
+    assert codedeps.code_of(functools.partial(lib.via_callback, f=big)) != \
+        codedeps.code_of(functools.partial(lib.via_callback, f=bigger))
+    assert codedeps.plain(torch.tensor([0.12341])) != codedeps.plain(torch.tensor([0.12344]))
+    before = codedeps.code_of(lib.via_registry)  # a registry changed at run time: walked anew
+    lib.METRICS["more"] = lib.via_alias
+    assert codedeps.code_of(lib.via_registry) != before
+    del lib.METRICS["more"]
     before = codedeps.code_of(lib.via_data_file)  # a data file in a folder of the project, by content
     (tmp_path / "assets" / "words.txt").write_text("heck\n")
     assert codedeps.code_of(lib.via_data_file) != before
