@@ -4,11 +4,11 @@ so that the method's functions take plain arguments. A run can be killed, rerun 
 or handed a file from someone else; none of these may give a wrong result.
 
 - Fingerprints: out_dir/fingerprints.json records, for each finished artifact, a hash of the settings, the
-  inputs and the code it is computed from (all the project code its stage reaches: codedeps.py): the corpus' content for tokenizer.json, then each artifact the
-  fingerprint of the one it is built from (tokenizer -> sft.pt -> triplets.jsonl -> dpo.pt, adpo.pt ->
-  report.json). A file whose recorded fingerprint differs from this command's is stale: its stage rebuilds
-  it, or, when the stage is not in --stages, the run stops before writing anything, naming the file and the
-  command that rebuilds it.
+  inputs and the code it is computed from (all the project code its stage reaches: codedeps.py): the
+  corpus' content for tokenizer.json, then each artifact the fingerprint of the one it is built from
+  (tokenizer -> sft.pt -> triplets.jsonl -> dpo.pt, adpo.pt -> report.json). A file whose recorded
+  fingerprint differs from this command's is stale: its stage rebuilds it, or, when the stage is not in
+  --stages, the run stops before writing anything, naming the file and the command that rebuilds it.
 - Completion: every file is written to a temporary name and renamed (os.replace is atomic), and recorded in
   fingerprints.json only after that, so a file killed half-way is never taken for a finished one.
 - Resume: SFT and each preference run save NAME.resume.pt every --checkpoint_interval steps (weights,
@@ -100,7 +100,8 @@ def fingerprints(s, conversations, losses, seeds, code, evaluated=None):
     steps = [x for name, roots in code.items() if name != "glue" for x in roots
              if not isinstance(x, str) or x.endswith(codedeps.DATA_SUFFIXES)]
     glue = codedeps.code_of(*code.get("glue", ()), exclude=SHARED_EXCLUDES + tuple(steps))
-    pretrained = file_digests([os.path.join(s.init_from, n) for n in checks.GPT2_FILES] if s.init_from else [])
+    gpt2_files = [os.path.join(s.init_from, name) for name in checks.GPT2_FILES] if s.init_from else []
+    pretrained = file_digests(gpt2_files)
     fp = {"tokenizer.json": digest(corpus, pick("tokenizer.json"), glue, pretrained)}
     fp["sft.pt"] = digest(fp["tokenizer.json"], pick("sft.pt"))
     fp["triplets.jsonl"] = digest(fp["sft.pt"], pick("triplets.jsonl"))

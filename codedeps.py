@@ -32,7 +32,7 @@ DATA_SUFFIXES = (".txt", ".csv", ".tsv")  # data files the code may read; artifa
 NOT_PROJECT_DIRS = {"out", "docs", "tests", "__pycache__", "site-packages", "venv", ".venv", "env"}
 CALLED_BY_PYTHON = ("forward", "__call__")  # what calling an unknown object may run
 MUTATORS = ("append", "extend", "insert", "update", "setdefault", "add", "register", "pop", "remove", "clear")
-IMPLICIT = ("forward", "backward", "setup_context")  # methods torch calls itself (nn.Module, autograd.Function)
+IMPLICIT = ("forward", "backward", "setup_context")  # what torch calls itself (nn.Module, autograd.Function)
 
 
 def read_source(path):
@@ -156,9 +156,9 @@ def bound_names(stmt):
                 names.append(node.id)
             elif isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(node.ctx, ast.Store):
                 names.append(chain_base(node))
-    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Attribute) \
-            and stmt.value.func.attr in MUTATORS:
-        names.append(chain_base(stmt.value.func))  # TABLE.update(...), TABLE.append(...)
+    call = stmt.value if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) else None
+    if call is not None and isinstance(call.func, ast.Attribute) and call.func.attr in MUTATORS:
+        names.append(chain_base(call.func))  # TABLE.update(...), TABLE.append(...)
     for field in ("body", "orelse", "finalbody", "handlers"):
         for child in getattr(stmt, field, None) or []:
             names += bound_names(child) if isinstance(child, ast.stmt) else \
@@ -204,7 +204,8 @@ class Walk:
         for obj in (x for x in exclude if not isinstance(x, str)):
             target = inspect.unwrap(obj.__func__ if inspect.ismethod(obj) else obj)
             module = self.module(real_name(target.__module__))
-            self.excluded |= {(module.name, id(node)) for node, _ in locate(module, target)} if module else set()
+            if module is not None:
+                self.excluded |= {(module.name, id(node)) for node, _ in locate(module, target)}
         self.seen |= self.excluded
         self.index = None
         self._universe = None
@@ -299,7 +300,7 @@ class Walk:
             if module is not None:
                 self.add(module, module.tree, "<module>")
         elif callable(obj):
-            while True:  # a decorated function: the decorator's wrapper (if it is the project's) and each layer
+            while True:  # a decorated function: the decorator's wrapper (if the project's) and each layer
                 self.follow_definition(obj, depth)
                 if not hasattr(obj, "__wrapped__") or depth > 20:
                     break
@@ -587,7 +588,8 @@ def references(node):
             events.append(("chain", n))
         elif isinstance(n, ast.Call) and not isinstance(n.func, (ast.Name, ast.Attribute)):
             events.append(("unknown call", n))
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "getattr" and len(n.args) >= 2:
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "getattr" \
+                and len(n.args) >= 2:
             events.append(("getattr", n))
         elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("globals", "vars")
               and not n.args) or (isinstance(n, ast.Attribute) and n.attr == "modules"
@@ -602,8 +604,8 @@ def local_names(node):
     """Names bound inside a function, lambda or class (arguments and assignments); empty for a module-level
     statement, whose names are the module's."""
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-        scopes = [n for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda,
-                                                              ast.comprehension))]
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.comprehension)
+        scopes = [n for n in ast.walk(node) if isinstance(n, kinds)]
         names = set()
         for scope in scopes:
             names |= local_names(scope) if not isinstance(scope, ast.comprehension) else \
@@ -611,7 +613,8 @@ def local_names(node):
         return names
     declared_global = {name for n in ast.walk(node) if isinstance(n, ast.Global) for name in n.names}
     names = {a.arg for a in ast.walk(node) if isinstance(a, ast.arg)}
-    names |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
+    names |= {n.id for n in ast.walk(node)
+              if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
     names |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
                                                              ast.ClassDef)) and n is not node}
     return names - declared_global
@@ -635,8 +638,8 @@ def locate(module, obj):
                           and max(e for _, e in spans) <= n.end_col_offset]
                 found = [min(inside, key=lambda n: n.end_col_offset - n.col_offset)] if inside else found
             return [(n, "<lambda>") for n in found] or [(module.tree, "<module>")]
-        found = [n for n in getattr(scope, "body", []) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                                          ast.ClassDef)) and n.name == part]
+        definitions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        found = [n for n in getattr(scope, "body", []) if isinstance(n, definitions) and n.name == part]
         if not found:
             break
         scope = found[-1]
@@ -683,7 +686,8 @@ def normalized(x, depth=0):
     if isinstance(x, (set, frozenset)):
         return sorted((normalized(v, depth + 1) for v in x), key=json.dumps)
     if isinstance(x, dict):
-        return sorted(([normalized(k, depth + 1), normalized(v, depth + 1)] for k, v in x.items()), key=json.dumps)
+        pairs = ([normalized(k, depth + 1), normalized(v, depth + 1)] for k, v in x.items())
+        return sorted(pairs, key=json.dumps)
     if inspect.ismodule(x):
         return {"module": x.__name__}
     if isinstance(x, functools.partial):
@@ -726,7 +730,7 @@ def definitions(*objects):
 
 
 def path_to(piece, *roots, exclude=()):
-    """How the roots reach a piece (a label of reached()): the chain of pieces, root first; for `why stale`."""
+    """How the roots reach a piece (a label of reached()): the chain of pieces, root first (why stale?)."""
     walk = Walk(exclude)
     walk.run(roots)
     chain = [piece]

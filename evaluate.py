@@ -362,8 +362,8 @@ RATES = ("toxicity_", "wordlist_toxicity_", "judge_prob_", "evasive_rate")  # sh
 REFERENCES = ("dpo", "sft")  # every method is compared with these, pairwise
 # Student's t, 97.5% quantile, for 1 to 30 degrees of freedom
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
-        2.042)
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
 
 
 def t975(df):
@@ -375,7 +375,7 @@ def t975(df):
 
 
 def seed_values(runs, key, transformed=True):
-    """Each seed's own value of key, sum(num) / sum(den) of its units (transformed: val_ppl as exp). (seeds,)"""
+    """Each seed's own value of key, sum(num) / sum(den) of its units (transformed: val_ppl as exp)."""
     transform = TRANSFORMS.get(key, lambda x: x) if transformed else (lambda x: x)
     return np.array([transform(ratio(np.sum(units[key][0]), np.sum(units[key][1]))) for _, units in runs])
 
@@ -462,9 +462,10 @@ def paired_differences(report, runs):
     """For every method and reference (DPO, SFT): `<key>_diff_vs_<ref>`, the method's value minus the
     reference's, and `<key>_diff_vs_<ref>_ci95`, its 95% interval. With several seeds, from the per-seed
     differences (each seed's models share the data order and the contexts): their mean ± t(n - 1) x its
-    standard error, the seeds' variance at least their sampling variance; it holds its coverage with 2 to 6
-    seeds where a bootstrap over so few seeds does not (docs/results.md). With one seed, from the same bootstrap draws of the contexts for both models: the
-    noise of the contexts they share cancels, but training noise is not in it."""
+    standard error (a count's rounding added: t_halfwidth; val_ppl on the NLL, shown as perplexity); it
+    holds its coverage with 2 to 6 seeds where a bootstrap over so few seeds does not (docs/results.md). With
+    one seed, from the same bootstrap draws of the contexts for both models: the noise of the contexts they
+    share cancels, but training noise is not in it."""
     for key in INTERVAL_KEYS:
         models = [name for name, r in runs.items() if key in r[0][1]]
         for ref in REFERENCES:
@@ -485,7 +486,8 @@ def paired_differences(report, runs):
                     else:
                         diff, ci = mean, [mean - half, mean + half]
                 else:
-                    ci = percentile_ci(context_paired_draws(runs[name], key) - context_paired_draws(runs[ref], key))
+                    draws = context_paired_draws(runs[name], key) - context_paired_draws(runs[ref], key)
+                    ci = percentile_ci(draws)
                 report[name][f"{key}_diff_vs_{ref}"] = diff
                 report[name][f"{key}_diff_vs_{ref}_ci95"] = [float(ci[0]), float(ci[1])]
 
@@ -672,7 +674,8 @@ def report_files(s, runs, sets, samples, triplets, logratios, stage_seconds, wal
     intervals = (f"95%, t with {s.seeds - 1} degree(s) of freedom over the {s.seeds} seeds, with the "
                  "contexts' bootstrap variance added (training noise included)" if s.seeds > 1 else
                  "95% bootstrap over contexts (one seed: training noise not included, so a difference is "
-                 "one between these trained models, not yet between their methods: --seeds=3 or more for that)")
+                 "one between these trained models, not yet between their methods: --seeds=3 or more for "
+                 "that)")
     paired = ("a t interval over the per-seed differences" if s.seeds > 1 else
               "a bootstrap of the contexts, the same for both")
     markdown = (f"# ADPO report ({s.preset} preset, {s.seeds} seed(s), {wall_time_s / 60:.1f} min)\n\n"

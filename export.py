@@ -38,7 +38,7 @@ def gpt2_config(config):
 
 
 def special_ids():
-    """A turn ends with <|eot|>, which the model writes (never <|endoftext|>, which only starts a document)."""
+    """A turn ends with <|eot|>, which the model writes (never <|endoftext|>: it only starts a document)."""
     return {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": EOT_ID, "pad_token_id": PAD_ID}
 
 
@@ -52,7 +52,8 @@ def hf_tokenizer_json(tokenizer_json):
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != TOXIC]
     merged = {"".join(m) if isinstance(m, list) else m.replace(" ", "") for m in spec["model"]["merges"]}
     if TOXIC in merged:  # BPE could then write it from typed text
-        raise CheckpointError(f"the tokenizer's merges can form {TOXIC} from text; it cannot be exported safely")
+        raise CheckpointError(f"the tokenizer's merges can form {TOXIC} from text: it cannot be exported "
+                              "safely")
     return json.dumps(spec, ensure_ascii=False)
 
 

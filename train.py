@@ -482,8 +482,8 @@ def token_logratios(s, run, sft_model, tok):
     return evaluate.token_logratios(policies, sft_model, tok, enc, triplets)
 
 
-# the code that computes each artifact, from where the walk starts (codedeps.py follows everything these reach,
-# in any module: editing any of it makes the artifact stale; each loss adds its own function)
+# the code that computes each artifact, from where the walk starts (codedeps.py follows everything these
+# reach, in any module: editing any of it makes the artifact stale; each loss adds its own function)
 CODE = {"tokenizer.json": (make_tokenizer, Run.tokenizer),
         "sft.pt": ("model", train_sft, jsonl, Run.save_checkpoint, load_checkpoint),
         "triplets.jsonl": (build_triplets, Run.sampler, jsonl),
