@@ -9,8 +9,9 @@ From a root (a function, a class, a module, a data file) the walk follows every 
   definition's source);
 - `module.name` and `Class.name` chains, to that definition;
 - where the object is not known from the source (`run.sample`, `self.cache`, `model.generate`): every member
-  of that name in every class of the project (methods, class attributes and `self.name = ...` assignments),
-  and for a call of an unknown object, every `forward` and `__call__`: the conservative side;
+  of that name in every class of the modules the roots import (methods, class attributes and
+  `self.name = ...` assignments), and for a call of an unknown object, every `forward` and `__call__`: the
+  conservative side;
 - a string literal that names a data file of the repository (provoked.txt): the file's content, not its path.
 A runtime root is unwrapped first (decorators' __wrapped__, functools.partial's function and arguments, a
 bound method's function, a closure's cells). Each piece counts as its syntax tree without docstrings, so a
@@ -39,11 +40,6 @@ def read_source(path):
     """The text of a project file (tests plant edits here)."""
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def is_test_file(path):
-    name = os.path.basename(path)
-    return name.startswith("test_") or name == "conftest.py"
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,15 +80,6 @@ def real_name(name):
     return module_name(os.path.realpath(path)) if path else name
 
 
-def project_files():
-    """Every module of the project that is not a test: where unknown members are looked for."""
-    found = []
-    for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = sorted(d for d in dirs if d not in NOT_PROJECT_DIRS and not d.startswith("."))
-        found += [os.path.join(folder, f) for f in sorted(files) if f.endswith(".py") and not is_test_file(f)]
-    return found
-
-
 def module_name(path):
     relative = os.path.splitext(os.path.relpath(path, ROOT))[0].split(os.sep)
     return ".".join(relative[:-1] if relative[-1] == "__init__" else relative)
@@ -126,13 +113,16 @@ class Module:
                 continue
             if isinstance(stmt, ast.Import):
                 return ("module", alias.name if alias.asname else alias.name.split(".")[0])
-            base = stmt.module or ""
-            if stmt.level:  # from . import x, from .y import x
-                package = self.package.split(".") if self.package else []
-                package = package[:len(package) - stmt.level + 1]
-                base = ".".join(package + ([stmt.module] if stmt.module else []))
-            return ("name", base, alias.name)
+            return ("name", self.source_module(stmt), alias.name)
         return None
+
+    def source_module(self, stmt):
+        """The module a `from m import ...` statement reads, relative imports (from . import x) resolved."""
+        if not stmt.level:
+            return stmt.module or ""
+        package = self.package.split(".") if self.package else []
+        package = package[:len(package) - stmt.level + 1]
+        return ".".join(package + ([stmt.module] if stmt.module else []))
 
 
 def bound_names(stmt):
@@ -209,6 +199,7 @@ class Walk:
         self.seen |= self.excluded
         self.index = None
         self._universe = None
+        self._parents = None
         self.reached_from = {}  # piece -> the piece whose code named it (None: a root)
         self.current = None
 
@@ -370,23 +361,13 @@ class Walk:
         """An import inside a function or under try: what it binds, as if at the top."""
         for alias in stmt.names:
             if alias.name == "*":
-                target = self.module(module.imported(ast.ImportFrom(module=stmt.module, names=[ast.alias(
-                    name="x")], level=stmt.level), "x")[1])
+                target = self.module(module.source_module(stmt))
                 if target is not None:
                     self.add(target, target.tree, "<module>")
                 continue
-            name = alias.asname or alias.name.split(".")[0]
-            source = module.imported(stmt, name)
-            target = self.module(source[1]) if source else None
-            if target is None:
-                continue
-            if source[0] == "module":
-                self.add(target, target.tree, "<module>")
-            elif source[2] in target.top:
-                self.global_name(target, source[2])
-            elif self.module(f"{source[1]}.{source[2]}"):
-                submodule = self.module(f"{source[1]}.{source[2]}")
-                self.add(submodule, submodule.tree, "<module>")
+            found = self.imported_name(module, stmt, alias.asname or alias.name.split(".")[0])
+            if found is not None and found[0] == "module":  # a local name: its uses are not resolved
+                self.add(found[1], found[1].tree, "<module>")
 
     def dynamic_attribute(self, module, base, name, local):
         """getattr(x, "name") as x.name; getattr(module, computed) as the whole module; getattr(self or cls,
@@ -422,7 +403,7 @@ class Walk:
     def parents(self):
         """The names of the classes that some project class derives from."""
         universe = self.universe()
-        if getattr(self, "_parents", (None,))[0] != universe:
+        if self._parents is None or self._parents[0] != universe:
             self._parents = (universe, base_classes(tuple(self.module(m) for m in sorted(universe))))
         return self._parents[1]
 
@@ -454,8 +435,7 @@ class Walk:
         starred = None
         for stmt in module.tree.body:  # from x import *: x's name, if x is the project's (all of them: which
             if isinstance(stmt, ast.ImportFrom) and any(a.name == "*" for a in stmt.names):  # one binds last
-                target = self.module(module.imported(ast.ImportFrom(  # depends on the order)
-                    module=stmt.module, names=[ast.alias(name=name)], level=stmt.level), name)[1])
+                target = self.module(module.source_module(stmt))  # depends on the order)
                 if target is not None and name in target.top:
                     starred = self.global_name(target, name, depth + 1) or starred
         if not stmts and starred is not None:
@@ -474,20 +454,7 @@ class Walk:
         found = None
         for stmt in stmts:
             if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-                source = module.imported(stmt, name)
-                if source is None:
-                    continue
-                target = self.module(source[1])
-                if target is None:
-                    found = ("outside",)
-                elif source[0] == "module":
-                    found = ("module", target)
-                elif source[2] not in target.top and self.module(f"{source[1]}.{source[2]}"):
-                    submodule = self.module(f"{source[1]}.{source[2]}")  # from package import module
-                    self.add(submodule, submodule.tree, "<module>")
-                    found = ("module", submodule)
-                else:
-                    found = self.global_name(target, source[2], depth + 1)
+                found = self.imported_name(module, stmt, name, depth) or found
             else:
                 self.add(module, stmt, label_of(stmt))
                 found = ("class", module, stmt) if isinstance(stmt, ast.ClassDef) else ("value",)
@@ -495,6 +462,23 @@ class Walk:
         if isinstance(runtime, (dict, list, tuple, set, frozenset)):
             self.follow_object(runtime)  # a table filled at run time: a decorator's registry
         return found
+
+    def imported_name(self, module, stmt, name, depth=0):
+        """What `name`, bound by an import statement of `module`, is: as global_name says; ("outside",) for
+        another project's module."""
+        source = module.imported(stmt, name)
+        target = self.module(source[1]) if source else None
+        if source is None:
+            return None
+        if target is None:
+            return ("outside",)
+        if source[0] == "module":
+            return ("module", target)
+        submodule = self.module(f"{source[1]}.{source[2]}")
+        if source[2] not in target.top and submodule is not None:  # from package import module
+            self.add(submodule, submodule.tree, "<module>")
+            return ("module", submodule)
+        return self.global_name(target, source[2], depth + 1)
 
     def chain(self, module, node, local):
         """a.b.c: the definition each step names where the source tells; else every member of that name."""
