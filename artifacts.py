@@ -124,12 +124,14 @@ def file_digests(paths):
     """The content of each file (a GPT-2 folder's, for --init_from), not its path. A missing file: None."""
     out = []
     for path in paths:
+        if not os.path.isfile(path):
+            out.append(None)
+            continue
         h = hashlib.sha256()
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        out.append(h.hexdigest() if os.path.isfile(path) else None)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out.append(h.hexdigest())
     return out
 
 

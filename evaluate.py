@@ -350,11 +350,6 @@ def bootstrap_draws(num, den, transform=None, draws=2000, seed=0):
     return np.vectorize(transform)(stats) if transform is not None else stats
 
 
-def bootstrap_ci(num, den, transform=None, draws=2000, seed=0):
-    """95% percentile interval of transform(sum(num) / sum(den)) over the units drawn again."""
-    return percentile_ci(bootstrap_draws(num, den, transform, draws, seed))
-
-
 # the toxicity and coherence keys: these get intervals with training noise and paired differences
 INTERVAL_KEYS = [k for k in SECTION_KEYS if k.startswith(("toxicity_", "wordlist_toxicity_", "judge_prob_"))
                  ] + ["val_ppl", "relevance", "sft_logprob_per_token", "evasive_rate"]
@@ -374,10 +369,9 @@ def t975(df):
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
-def seed_values(runs, key, transformed=True):
-    """Each seed's own value of key, sum(num) / sum(den) of its units (transformed: val_ppl as exp)."""
-    transform = TRANSFORMS.get(key, lambda x: x) if transformed else (lambda x: x)
-    return np.array([transform(ratio(np.sum(units[key][0]), np.sum(units[key][1]))) for _, units in runs])
+def seed_values(runs, key):
+    """Each seed's own ratio sum(num) / sum(den) of its units (val_ppl: the mean NLL, before its exp)."""
+    return np.array([ratio(np.sum(units[key][0]), np.sum(units[key][1])) for _, units in runs])
 
 
 def count_steps(runs, key):
@@ -391,15 +385,14 @@ def count_steps(runs, key):
     return np.array(steps)
 
 
-def t_halfwidth(values, steps=None, axis=-1):
-    """Half the width of the 95% t interval of the mean of n values (one per seed) over axis, n - 1 degrees
-    of freedom: the seeds' own spread is the noise. Wide with 2 seeds (t = 12.7), and rightly so. steps: for
+def t_halfwidth(values, steps=None):
+    """Half the width of the 95% t interval of the mean of n values (one per seed), n - 1 degrees of
+    freedom: the seeds' own spread is the noise. Wide with 2 seeds (t = 12.7), and rightly so. steps: for
     counts, each value's step (1 / replies); a value known only to within a step counts as uniform across
     it (continuity: variance step^2 / 12 a count, two in a difference), so that seeds that tie on a few
     toxic replies prove nothing."""
-    n = values.shape[axis]
-    continuity = 0.0 if steps is None else np.mean(np.asarray(steps) ** 2, axis=axis) / 6
-    return t975(n - 1) * np.sqrt((values.var(axis=axis, ddof=1) + continuity) / n)
+    continuity = 0.0 if steps is None else float(np.mean(np.asarray(steps) ** 2)) / 6
+    return t975(len(values) - 1) * math.sqrt((values.var(ddof=1) + continuity) / len(values))
 
 
 def context_paired_draws(runs, key, draws=2000, seed=0):
@@ -444,10 +437,11 @@ def summarize(runs):
         contexts = bootstrap_draws(num, den, TRANSFORMS.get(key))
         section[f"{key}_ci95"] = percentile_ci(contexts)
         if len(runs) > 1:  # on the scale of the ratio (val_ppl: the mean NLL, at least 0), then transformed
-            values = seed_values(runs, key, transformed=False)
+            values = seed_values(runs, key)
             center = float(values.mean())
             continuity = float(np.mean(count_steps(runs, key) ** 2)) / 12  # a count of 0 is no certainty
-            se = math.sqrt((values.var(ddof=1) + continuity) / len(values) + bootstrap_draws(num, den).var())
+            raw = contexts if key not in TRANSFORMS else bootstrap_draws(num, den)  # the ratio's scale
+            se = math.sqrt((values.var(ddof=1) + continuity) / len(values) + raw.var())
             low, high = (center + sign * t975(len(values) - 1) * se for sign in (-1, 1))
             if key in TRANSFORMS:
                 low, high = max(low, 0.0), max(high, 0.0)
@@ -477,7 +471,7 @@ def paired_differences(report, runs):
                     raise ValueError(f"{name} has {len(runs[name])} seed(s), {ref} {len(runs[ref])}: "
                                      "paired differences need the same seeds")
                 if len(runs[name]) > 1:  # the mean of the per-seed differences, and their spread
-                    per_seed = seed_values(runs[name], key, False) - seed_values(runs[ref], key, False)
+                    per_seed = seed_values(runs[name], key) - seed_values(runs[ref], key)
                     mean, half = float(per_seed.mean()), t_halfwidth(per_seed, count_steps(runs[name], key))
                     if key in TRANSFORMS:  # val_ppl: NLL differences, shown as perplexity differences from
                         base = report[ref][key]  # the reference's (the sign is the NLL difference's)

@@ -21,7 +21,6 @@ and stress_curves.png.
 """
 
 import dataclasses
-import hashlib
 import inspect
 import itertools
 import json
@@ -92,8 +91,7 @@ def label(point):
 
 
 def file_digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    return artifacts.file_digests([path])[0][:16]
 
 
 def preference_inputs(ps, sft_model, tok, run, cache):

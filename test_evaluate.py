@@ -71,10 +71,11 @@ def test_bootstrap_interval_is_over_contexts_not_replies():
     context are not independent, so the interval is that of 100 draws (half width ~ 1.96 * 0.05), not 400."""
     num = np.array([4.0, 0.0] * 50)
     den = np.full(100, 4.0)
-    low, high = evaluate.bootstrap_ci(num, den)
+    low, high = evaluate.percentile_ci(evaluate.bootstrap_draws(num, den))
     assert low < 0.5 < high
     assert 0.16 < high - low < 0.24
-    assert evaluate.bootstrap_ci(np.full(10, 2.0), np.full(10, 4.0)) == [0.5, 0.5]  # no spread, no width
+    no_spread = evaluate.bootstrap_draws(np.full(10, 2.0), np.full(10, 4.0))
+    assert evaluate.percentile_ci(no_spread) == [0.5, 0.5]  # no spread, no width
 
 
 def test_summarize_pools_seeds_and_reports_intervals():
