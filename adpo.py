@@ -152,4 +152,4 @@ def preference_metrics(policy_chosen_logps, policy_rejected_logps, policy_toxic_
 
 if __name__ == "__main__":  # `python adpo.py --check=NAME`: the loss checker, a script of its own
     import runpy
-    runpy.run_module("check_loss", run_name="__main__")
+    runpy.run_module("tools.check_loss", run_name="__main__")

@@ -2,6 +2,7 @@
 log-prob that every fast scoring path is checked against."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,19 @@ import train
 from model import GPT, GPTConfig
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # the repository root
+SOURCE_FOLDERS = ("harness", "tools")  # the packages beside the top-level scripts
+
+
+def copy_source(dest):
+    """The project's code and data files (top-level .py and .txt, the packages) copied into folder dest."""
+    os.makedirs(dest, exist_ok=True)
+    for name in os.listdir(HERE):
+        if name.endswith((".py", ".txt")):
+            shutil.copy(os.path.join(HERE, name), os.path.join(dest, name))
+    for folder in SOURCE_FOLDERS:
+        shutil.copytree(os.path.join(HERE, folder), os.path.join(dest, folder),
+                        ignore=shutil.ignore_patterns("__pycache__"))
 # the tiny preset, short enough for a test, long enough that each stage saves resume states a kill can land between
 RUN = ["--preset=tiny", "--sft_iters=40", "--pref_iters=12", "--checkpoint_interval=4"]
 

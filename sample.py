@@ -21,8 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm import tqdm
 
-from checks import SAMPLE_RULES, check_device, load_checkpoint, run_main
-from configurator import ConfigError, apply_overrides, check_rules, parse_overrides
+from harness.checks import SAMPLE_RULES, check_device, load_checkpoint, run_main
+from harness.configurator import ConfigError, apply_overrides, check_rules, parse_overrides
 from data import EOT_ID, PAD_ID, context_ids, decode
 from model import autocast
 

@@ -11,7 +11,7 @@ import torch
 import adpo
 import data
 import train
-from artifacts import Run
+from harness.artifacts import Run
 
 LN2 = math.log(2)
 

@@ -28,15 +28,15 @@ import torch
 from tqdm import tqdm
 
 import adpo
-import artifacts
-import checks
+from harness import artifacts
+from harness import checks
 import data
-import distributed
+from harness import distributed
 import evaluate
 import sample
-from artifacts import Run, checkpoint_name, eval_name
-from checks import load_checkpoint, loss_list, stage_list
-from configurator import ConfigError, apply_overrides, parse_overrides
+from harness.artifacts import Run, checkpoint_name, eval_name
+from harness.checks import load_checkpoint, loss_list, stage_list
+from harness.configurator import ConfigError, apply_overrides, parse_overrides
 from model import GPT, GPTConfig, autocast
 
 

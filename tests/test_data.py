@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import checks
+from harness import checks
 import data
 import evaluate
 import train
-from artifacts import Run
+from harness.artifacts import Run
 from sample import prompt_ids
 
 

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 import data
 import evaluate
 import train
-from configurator import ConfigError
-from checks import CheckpointError, check_gpt2_folder
+from harness.configurator import ConfigError
+from harness.checks import CheckpointError, check_gpt2_folder
 from model import GPT
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 CONFIG = dict(model_type="gpt2", activation_function="gelu_new", layer_norm_epsilon=1e-5, n_layer=2, n_head=2,
               n_embd=32, n_positions=64, n_ctx=64, n_inner=None)
 

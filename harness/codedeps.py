@@ -28,7 +28,7 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 DATA_SUFFIXES = (".txt", ".csv", ".tsv")  # data files the code may read; artifacts (out_dir) are never these
 NOT_PROJECT_DIRS = {"out", "docs", "tests", "__pycache__", "site-packages", "venv", ".venv", "env"}
 CALLED_BY_PYTHON = ("forward", "__call__")  # what calling an unknown object may run

@@ -17,11 +17,11 @@ import torch
 import data
 import evaluate
 import train
-from checks import RunError
+from harness.checks import RunError
 from conftest import RUN
 from sample import Reply
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def train_cli(out_dir, *args, check=True):

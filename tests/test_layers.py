@@ -7,7 +7,7 @@ import os
 import re
 import tokenize
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 # lowest first: a module may import only the modules before it; the tools (sweep, bench, check_loss) come last
 LAYERS = ["codedeps", "configurator", "model", "data", "adpo", "distributed", "checks", "sample", "evaluate", "artifacts",

@@ -31,15 +31,15 @@ import time
 import numpy as np
 
 import adpo
-import artifacts
-import codedeps
-import checks
+from harness import artifacts
+from harness import codedeps
+from harness import checks
 import data
 import evaluate
 import train
-from artifacts import Run, checkpoint_name, eval_name, write_text
-from checks import load_checkpoint
-from configurator import ConfigError, apply_overrides
+from harness.artifacts import Run, checkpoint_name, eval_name, write_text
+from harness.checks import load_checkpoint
+from harness.configurator import ConfigError, apply_overrides
 
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
 # settings that shape sft.pt or the triplets: a sweep reuses those, so it cannot vary them

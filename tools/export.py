@@ -14,8 +14,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from checks import EXPORT_FILES, CheckpointError, check_export_dir, load_checkpoint, run_main
-from configurator import apply_overrides, parse_overrides
+from harness.checks import EXPORT_FILES, CheckpointError, check_export_dir, load_checkpoint, run_main
+from harness.configurator import apply_overrides, parse_overrides
 from data import ENDOFTEXT, ENDOFTEXT_ID, EOT, EOT_ID, PAD, PAD_ID, TOXIC
 from model import CONV1D
 

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 import adpo
-import codedeps
+from harness import codedeps
 import data
-import distributed
+from harness import distributed
 import sample
-import checks
-from checks import STAGES, RunError, check_finite, check_out_dir, checkpoint_dict, read_checkpoint
+from harness import checks
+from harness.checks import STAGES, RunError, check_finite, check_out_dir, checkpoint_dict, read_checkpoint
 from model import compile_model
 
 # the settings each artifact depends on, besides the artifact it is built from

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from configurator import ConfigError
+from harness.configurator import ConfigError
 
 
 def setup(device):

@@ -11,14 +11,15 @@ import sys
 
 import pytest
 
-import checks
+from harness import checks
 import data
 import evaluate
-import sweep
+from tools import sweep
 import train
-from configurator import ConfigError
+from harness.configurator import ConfigError
+from conftest import copy_source
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 LN2 = math.log(2)
 
 
@@ -185,11 +186,8 @@ def test_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     out_dir = str(tmp_path / "sweep")
     shutil.copytree(tiny_run, out_dir)
     code = tmp_path / "code"  # a copy of the project, for a student's edit of a loss
-    code.mkdir()
-    for name in os.listdir(HERE):
-        if name.endswith(".py") or name == "provoked.txt":
-            shutil.copy(os.path.join(HERE, name), code / name)
-    args = [sys.executable, str(code / "sweep.py"), "--preset=tiny", f"--out_dir={out_dir}",
+    copy_source(code)
+    args = [sys.executable, "-m", "tools.sweep", "--preset=tiny", f"--out_dir={out_dir}",
             "--grid=loss=dpo,adpo gamma=0.1", "--pref_iters=2"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=code, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -248,7 +246,7 @@ def test_the_stress_rule_judges_each_loss_against_its_own_unstressed_runs():
 def test_stress_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     out_dir = str(tmp_path / "stress")
     shutil.copytree(tiny_run, out_dir)
-    args = [sys.executable, os.path.join(HERE, "sweep.py"), "--preset=tiny", f"--out_dir={out_dir}",
+    args = [sys.executable, "-m", "tools.sweep", "--preset=tiny", f"--out_dir={out_dir}",
             "--stress=pref_lr=5e-2", "--seeds=2", "--pref_iters=2"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

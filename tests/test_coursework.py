@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import adpo
-import check_loss
+from tools import check_loss
 import data
 import train
-from artifacts import Run
+from harness.artifacts import Run
 from model import GPT, GPTConfig
 from sample import fit_history, load_checkpoint, sample_replies, shown
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def run_script(script, *args, stdin=None, env=None):

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-import artifacts
-import checks
+from harness import artifacts
+from harness import checks
 import data
 import sample
-import sweep
+from tools import sweep
 import train
-from artifacts import Run
+from harness.artifacts import Run
 from conftest import RUN
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def start_train(out_dir, *args):

@@ -25,7 +25,7 @@ import torch
 
 import adpo
 import data
-from configurator import ConfigError, apply_overrides, parse_overrides
+from harness.configurator import ConfigError, apply_overrides, parse_overrides
 from model import GPT, GPTConfig, autocast, compile_model, peak_flops
 
 

@@ -17,8 +17,8 @@ import torch
 
 import adpo
 import data
-import distributed
-from configurator import ConfigError, check_rules
+from harness import distributed
+from harness.configurator import ConfigError, check_rules
 from data import EOT_ID, REPLIES, DataError
 from model import CONV1D, GPT, GPTConfig, read_gpt2_config
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import data
-import export
+from tools import export
 import train
-from artifacts import Run
-from checks import EXPORT_FILES, check_gpt2_folder
-from configurator import ConfigError
+from harness.artifacts import Run
+from harness.checks import EXPORT_FILES, check_gpt2_folder
+from harness.configurator import ConfigError
 from model import GPT, GPTConfig
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 BLOCK_SIZE = 32
 TEXT = "hello there, how are you doing today?"
 
@@ -131,7 +131,7 @@ def test_transformers_generate_stops_at_end_of_turn(exported, tmp_path):
 
 
 def checks_tokenizer_json(path):
-    from checks import read_checkpoint
+    from harness.checks import read_checkpoint
     return read_checkpoint(path)["tokenizer_json"]
 
 
@@ -150,7 +150,7 @@ def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(exported
 def test_a_model_without_biases_is_refused_in_one_line(tmp_path):
     path, _, _ = save_checkpoint(str(tmp_path), bias=False)
     out = tmp_path / "hf"
-    result = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), f"--checkpoint={path}",
+    result = subprocess.run([sys.executable, "-m", "tools.export", f"--checkpoint={path}",
                              f"--out={out}"], capture_output=True, text=True, cwd=HERE, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and result.stdout == ""

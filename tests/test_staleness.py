@@ -15,14 +15,14 @@ import pytest
 import torch
 
 import adpo
-import artifacts
-import codedeps
+from harness import artifacts
+from harness import codedeps
 import data
-import sweep
+from tools import sweep
 import train
-from conftest import RUN
+from conftest import RUN, SOURCE_FOLDERS, copy_source
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 TOKENIZER = ["tokenizer.json"]
 SFT = ["sft.pt"]
@@ -152,7 +152,7 @@ def test_a_data_file_counts_by_content(monkeypatch, tmp_path):
     shadow = tmp_path / "root"
     shadow.mkdir()
     for name in os.listdir(codedeps.ROOT):  # the same files, provoked.txt edited: ROOT pointed there
-        if name.endswith(".py"):
+        if name.endswith(".py") or name in SOURCE_FOLDERS:
             os.symlink(os.path.join(codedeps.ROOT, name), shadow / name)
     (shadow / "provoked.txt").write_bytes(real + b"one more provoking line\n")
     monkeypatch.setattr(codedeps, "ROOT", str(shadow))
@@ -236,10 +236,7 @@ def test_the_sweeps_cache_keys_hold_the_code_that_computes_them(monkeypatch):
 def copy_checkout(tmp_path, finished):
     """The project's files and a finished out_dir, copied elsewhere: another path, the same content."""
     root = tmp_path / "checkout"
-    root.mkdir()
-    for name in os.listdir(HERE):
-        if name.endswith((".py", ".txt")):
-            shutil.copy(os.path.join(HERE, name), root / name)
+    copy_source(root)
     shutil.copytree(finished, root / "out")
     return str(root)
 

@@ -2,9 +2,9 @@
 # The whole GPU check in one command: install what the machine lacks, run bench.py, run the gpu preset, print
 # both. Everything it writes goes to out/gpu_check/ (git-ignored).
 #
-#   bash scripts/gpu_check.sh                         # one GPU
-#   NPROC=8 bash scripts/gpu_check.sh                 # the gpu preset on 8 GPUs with torchrun
-#   PRESET=tiny BENCH_ARGS="--device=cpu --steps=2" bash scripts/gpu_check.sh   # the script itself, on a CPU
+#   bash tools/gpu_check.sh                         # one GPU
+#   NPROC=8 bash tools/gpu_check.sh                 # the gpu preset on 8 GPUs with torchrun
+#   PRESET=tiny BENCH_ARGS="--device=cpu --steps=2" bash tools/gpu_check.sh   # the script itself, on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=${PRESET:-gpu}
@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 
 # 2. the bench: SFT tokens/s and MFU, sampling with and without the KV cache, DPO vs ADPO step
-python bench.py --out="$OUT/bench.json" $BENCH_ARGS | tee "$OUT/bench.txt"
+python -m tools.bench --out="$OUT/bench.json" $BENCH_ARGS | tee "$OUT/bench.txt"
 
 # 3. the whole pipeline on the preset, timed (progress bars go to train.log, not the screen)
 start=$(date +%s)

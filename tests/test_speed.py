@@ -13,13 +13,13 @@ import sys
 import pytest
 import torch
 
-import bench
-from configurator import ConfigError
-import distributed
+from tools import bench
+from harness.configurator import ConfigError
+from harness import distributed
 import model as model_module
 from model import GPT, GPTConfig, KVCache
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def tiny_gpt(seed=0):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 import adpo
-from configurator import apply_overrides, parse_overrides
+from harness.configurator import apply_overrides, parse_overrides
 
 CHECK_HYPER = {"beta": 0.1, "gamma": 0.1, "eps": 0.1}  # the losses' own defaults (train.py uses gamma 0.03)
 

@@ -12,11 +12,11 @@ import torch
 
 import data
 import train
-from artifacts import Run
-from configurator import ConfigError
+from harness.artifacts import Run
+from harness.configurator import ConfigError
 from model import GPT, GPTConfig
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 # stdout buffered, as a user's is (PYTHONUNBUFFERED would make every print a write of its own)
 ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "OMP_NUM_THREADS": "1"}
 
@@ -78,7 +78,7 @@ def test_a_reader_gone_before_the_last_flush_ends_quietly():
     """Output small enough to sit in stdout's buffer until the end: the failed write is the last flush."""
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the script starts
-    code = "import checks; checks.run_main(lambda argv: print('one line'))"
+    code = "from harness import checks; checks.run_main(lambda argv: print('one line'))"
     result = subprocess.run([sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, text=True,
                             cwd=HERE, env=ENV, timeout=120)
     os.close(write_end)
