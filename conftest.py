@@ -11,6 +11,7 @@ import torch
 
 import data
 import train
+from harness import checks
 from model import GPT, GPTConfig
 
 
@@ -39,6 +40,11 @@ def finished(tmp_path_factory):
                             capture_output=True, text=True, cwd=HERE, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir
+
+
+def get_settings(argv):
+    """train.py's settings for a command line (the defaults, the preset's, argv's), checked."""
+    return checks.get_settings(argv, train.Settings(), train.PRESETS)
 
 
 def make_tiny_gpt(seed=0, vocab_size=64, block_size=48, dropout=0.0):

@@ -11,7 +11,6 @@ import torch
 import adpo
 import data
 import train
-from harness.artifacts import Run
 
 LN2 = math.log(2)
 
@@ -154,15 +153,14 @@ def test_toxic_model_scores_the_toxic_reply_after_the_control_token(tiny_triplet
     assert (ref["toxic_model_toxic_logps"] - ref["ref_toxic_logps"]).abs().min() > 1e-4
 
 
-def test_policy_equals_reference_at_step_0_after_sft_with_dropout(tiny_triplets, tiny_gpt, tok, tmp_path):
-    """sft.pt trained with dropout 0.5: the preference stage must still start with pi = ref exactly."""
+def test_policy_equals_reference_at_step_0_after_sft_with_dropout(tiny_triplets, tiny_gpt, tok):
+    """An SFT model with dropout 0.5: the preference stage must still start with pi = ref exactly."""
     s, enc = tiny_triplets
-    s = dataclasses.replace(s, out_dir=str(tmp_path), pref_iters=2, pref_lr=1e-3, pref_warmup_iters=0)
+    s = dataclasses.replace(s, pref_iters=2, pref_lr=1e-3, pref_warmup_iters=0)
     sft = tiny_gpt(vocab_size=tok.get_vocab_size(), dropout=0.5)
-    Run(s).save_checkpoint("sft.pt", sft, tok)
     ref = train.reference_logps(s, sft, enc)
     for loss in ("dpo", "adpo"):
-        _, metrics = train.train_preference(s, loss, str(tmp_path / "sft.pt"), enc, ref, 0, Run(s), loss)
+        _, metrics = train.train_preference(s, loss, sft, enc, ref, seed=0)
         assert metrics[0]["logratio/chosen"] == pytest.approx(0.0, abs=1e-5)
         assert metrics[0]["logratio/rejected"] == pytest.approx(0.0, abs=1e-5)
         if loss == "dpo":

@@ -15,9 +15,8 @@ The whole ADPO pipeline: the paper's four steps, in order.
 """
 
 import dataclasses
-import json
+import functools
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -28,17 +27,11 @@ import torch
 from tqdm import tqdm
 
 import adpo
-from harness import artifacts
-from harness import checks
 import data
-from harness import distributed
 import evaluate
+import harness
 import sample
-from harness.artifacts import Run, checkpoint_name, eval_name
-from harness.checks import load_checkpoint, loss_list, stage_list
-from harness.configurator import ConfigError, apply_overrides, parse_overrides
 from model import GPT, GPTConfig, autocast
-
 
 @dataclass
 class Settings:
@@ -131,34 +124,11 @@ PRESETS = {
 }
 
 
-def get_settings(argv):
-    """Defaults, then the preset's, then the command line's --key=value, checked (checks.py)."""
-    overrides = parse_overrides(argv)
-    preset = overrides.get("preset") or ("gpu" if torch.cuda.is_available() else "cpu")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    s = apply_overrides(Settings(), {k: str(v) for k, v in PRESETS[preset].items()})
-    s = apply_overrides(s, overrides)
-    s = dataclasses.replace(s, preset=preset)
-    checks.check_settings(s)
-    return s
-
-
-def load_corpus(s):
-    """The conversations of --data (or the built-in corpus), labelled by the judge where they are not."""
-    raw = checks.read_conversations(s.data) if s.data else None
-    return data.load_corpus(raw, s.toxic_threshold, s.max_conversations)
-
-
 def make_tokenizer(s, conversations):
     """GPT-2's tokenizer with --init_from (its embedding needs it), else BPE on the sft split only."""
     if s.init_from:
         return data.gpt2_tokenizer(s.init_from)
     return data.train_tokenizer([t for c in conversations if c.split == "sft" for t in c.turns], s.vocab_size)
-
-
-def jsonl(rows):
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def get_lr(it, warmup_iters, max_iters, learning_rate, min_lr):
@@ -173,8 +143,10 @@ def get_lr(it, warmup_iters, max_iters, learning_rate, min_lr):
 # step 1: SFT, the dialogue model and, with [TOXIC] after a context, the inner toxic model
 
 
-def train_sft(s, tok, conversations, run):
-    """A GPT trained on the SFT stream (data.sft_stream); returns it in eval mode, and its loss curve."""
+def train_sft(s, tok, conversations, hooks=None):
+    """A GPT trained on the SFT stream (data.sft_stream); returns it in eval mode, and its loss curve.
+    hooks: what the machinery adds to the loop (OneProcess when none: no resume states, one process)."""
+    hooks = hooks or OneProcess()
     torch.manual_seed(s.seed)  # the same initial weights in every process
     train_stream = data.sft_stream(tok, conversations, "sft", s.toxic_copies, s.context_turns)
     val_stream = data.sft_stream(tok, conversations, "eval", 1, s.context_turns)
@@ -191,10 +163,9 @@ def train_sft(s, tok, conversations, run):
           f"tokens ({n_toxic:,} toxic turns behind [TOXIC], copies included), "
           f"{len(val_stream[0]):,} validation tokens")
     generator = torch.Generator().manual_seed(s.seed)  # the same global batches in every process
-    # compiled with --compile, wrapped for DDP under torchrun; the training state of a killed run
-    rows = s.batch_size // distributed.world_size() // s.grad_accum  # in one forward pass
-    model = run.prepare(raw_model, rows)
-    start, state = run.resume("sft.pt", raw_model, optimizer, generator)
+    rows = s.batch_size // hooks.world // s.grad_accum  # in one forward pass
+    # machinery: the model compiled (--compile) and wrapped for torchrun; a killed run's state restored
+    model, start, state = hooks.start(raw_model, optimizer, generator, rows)
 
     @torch.no_grad()
     def val_loss():
@@ -218,18 +189,18 @@ def train_sft(s, tok, conversations, run):
     loss_sum = 0.0
     t0 = time.time()
     bar = tqdm(range(start, s.sft_iters), desc="sft", unit="step", initial=start, total=s.sft_iters,
-               disable=not distributed.is_main())
+               disable=not hooks.is_main)
     for it in bar:
         lr = get_lr(it, s.warmup_iters, s.sft_iters, s.learning_rate, s.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = data.get_sft_batch(train_stream, s.batch_size, s.block_size, generator)  # the global batch
-        for xs, ys, weight in distributed.micro_batches(model, x, y, s.grad_accum):  # this process's pieces
+        for xs, ys, weight in hooks.micro_batches(model, x, y, s.grad_accum):  # this process's pieces
             with autocast(s.device):
                 _, loss = model(data.to_device(xs, s.device), data.to_device(ys, s.device))
             (loss * weight).backward()  # a piece without targets: its loss is nan, its gradient 0
             if weight:
-                loss_sum = loss_sum + loss.detach() * weight / distributed.world_size()  # stays on the device
+                loss_sum = loss_sum + loss.detach() * weight / hooks.world  # stays on the device
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
@@ -242,18 +213,18 @@ def train_sft(s, tok, conversations, run):
             steps = step - (curve[-1]["step"] if curve else start)
             dt = time.time() - t0
             t0 = time.time()
-            train_loss = distributed.sum_over_processes(float(loss_sum)) / steps
+            train_loss = hooks.sum(float(loss_sum)) / steps
             loss_sum = 0.0
             tok_s = s.batch_size * s.block_size * steps / dt
             curve.append({"step": step, "loss": train_loss, "lr": lr, "tok_s": tok_s})
             mfu = None
             if s.device.startswith("cuda"):
-                mfu = raw_model.estimate_mfu(tok_s * dt / distributed.world_size(), dt)
+                mfu = raw_model.estimate_mfu(tok_s * dt / hooks.world, dt)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
                             **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
             if step % s.eval_interval == 0 or step == s.sft_iters:
                 tqdm.write(f"sft step {step}: train loss {train_loss:.3f}, val loss {val_loss():.3f}")
-            run.end_step("sft.pt", it, train_loss, raw_model, optimizer, generator, curve=curve)
+            hooks.end_step(it, train_loss, raw_model, optimizer, generator, curve=curve)  # machinery: resume
     raw_model.eval()
     return raw_model, curve
 
@@ -340,40 +311,41 @@ def policy_logps(s, policy, enc, idx):
     return {"policy_chosen_logps": chosen, "policy_rejected_logps": rejected, "policy_toxic_logps": toxic}
 
 
-def train_preference(s, loss_name, sft_path, enc, ref, seed, run, name):
-    """The policy trained from sft.pt with loss `loss_name` on the encoded triplets, and its per-step metrics.
-    name: the checkpoint it becomes (dpo.pt, ...), for the run's resume state."""
-    # without dropout, whatever the SFT used: the policy's log-probs must equal the reference's at step 0
-    policy, _, _ = load_checkpoint(sft_path, s.device, dropout=0.0)
+def train_preference(s, loss_name, sft_model, enc, ref, seed, hooks=None):
+    """The policy trained from the SFT model with loss `loss_name` on the encoded triplets (ref: their
+    reference_logps), and its per-step metrics. hooks: as train_sft's."""
+    hooks = hooks or OneProcess()
+    # a copy without dropout, whatever the SFT used: the policy's log-probs must equal the reference's at step 0
+    policy = GPT(dataclasses.replace(sft_model.config, dropout=0.0)).to(s.device)
+    policy.load_state_dict(sft_model.state_dict())
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.pref_lr, betas=(s.beta1, s.beta2),
                                   weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)  # the same data order for every loss
     hyper = {"beta": s.beta, "gamma": s.gamma, "eps": s.eps}
-    start, state = run.resume(name, policy, optimizer, generator)  # a killed run goes on where it was
+    _, start, state = hooks.start(policy, optimizer, generator)  # machinery: a killed run goes on where it was
     order = state.get("order", [])  # the data position
     metrics = state.get("metrics", [])
     bar = tqdm(range(start, s.pref_iters), desc=loss_name, unit="step", initial=start, total=s.pref_iters,
-               disable=not distributed.is_main())
+               disable=not hooks.is_main)
     for it in bar:
         if len(order) < s.pref_batch_size:
             order += torch.randperm(len(enc), generator=generator).tolist()
         idx = order[:s.pref_batch_size]
         order = order[s.pref_batch_size:]
-        idx = distributed.split(idx)  # this process's share of the batch (all of it in one process)
+        idx = hooks.share(idx)  # this process's part of the batch (all of it in one process)
         lr = get_lr(it, s.pref_warmup_iters, s.pref_iters, s.pref_lr, s.pref_lr)  # warmup, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(s.device):
             logps = policy_logps(s, policy, enc, idx)
         batch_ref = {k: v[idx].to(s.device) for k, v in ref.items()}
-        loss = adpo.call_loss(loss_name, {**logps, **batch_ref, **hyper}).mean()
+        loss_of = lambda lp: adpo.call_loss(loss_name, {**lp, **batch_ref, **hyper}).mean()  # noqa: E731
+        loss = loss_of(logps)
         diagnose = it % s.diag_interval == 0  # every few steps, also: which reply the gradient comes from
         loss.backward(retain_graph=diagnose)  # the graph is kept for that measurement only
-        diagnostics = evaluate.gradient_by_reply(
-            lambda lp: adpo.call_loss(loss_name, {**lp, **batch_ref, **hyper}).mean(), logps, policy,
-            per_reply=diagnose)
-        distributed.average_gradients(policy)  # over the processes: the gradient of the whole batch's mean
+        diagnostics = evaluate.gradient_by_reply(loss_of, logps, policy, per_reply=diagnose)
+        hooks.average_gradients(policy)  # over the processes: the gradient of the whole batch's mean
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -381,37 +353,12 @@ def train_preference(s, loss_name, sft_path, enc, ref, seed, run, name):
         row = {"step": it + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
                **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref,
                                          beta=s.beta, gamma=s.gamma)}
-        metrics.append(distributed.mean_over_processes(row))  # the whole batch's (grad/*: norms averaged)
+        metrics.append(hooks.mean(row))  # the whole batch's (grad/*: norms averaged over the processes)
         bar.set_postfix(loss=f"{metrics[-1]['loss']:.3f}", margin=f"{metrics[-1]['rewards/margins']:.3f}",
                         acc=f"{metrics[-1]['rewards/accuracies']:.2f}")
-        run.end_step(name, it, loss, policy, optimizer, generator, order=order, metrics=metrics)
+        hooks.end_step(it, loss, policy, optimizer, generator, order=order, metrics=metrics)  # machinery
     policy.eval()
     return policy, metrics
-
-
-def preference_optimization(s, run, sft_model, tok, losses, seeds):
-    """Every loss of --loss beside DPO, for every seed, from sft.pt on the same triplets (reference log-probs
-    computed once), each saved with its per-step metrics; curves.png of the first seed's."""
-    names = {(loss, seed): checkpoint_name(loss, seed, s.seed) for seed in seeds for loss in losses}
-    todo = [key for key, name in names.items() if not run.fresh(name)]  # not trained by the same command
-    if todo:
-        _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), s.min_judge_gap,
-                                      sft_model.config.block_size, s.max_new_tokens)
-        ref = reference_logps(s, sft_model, enc)
-    curves = {}  # loss -> per-step metrics of the first seed
-    for (loss_name, seed), name in names.items():
-        metrics_file = f"metrics_{name.removesuffix('.pt')}.jsonl"
-        if (loss_name, seed) in todo:
-            policy, metrics = train_preference(s, loss_name, run.path("sft.pt"), enc, ref, seed, run, name)
-            run.save_checkpoint(name, policy, tok, loss=loss_name, pref_seed=seed, metrics=metrics)
-        elif seed == s.seed or not os.path.isfile(run.path(metrics_file)):
-            metrics = checks.read_checkpoint(run.path(name))["metrics"]
-        if (loss_name, seed) in todo or not os.path.isfile(run.path(metrics_file)):
-            run.write(metrics_file, jsonl(metrics))
-        if seed == s.seed:
-            curves[loss_name] = metrics
-    if distributed.is_main() and (todo or not os.path.isfile(run.path("curves.png"))):
-        evaluate.plot_curves(run.path("curves.png"), curves)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -432,119 +379,104 @@ def final_pass(s, policy, enc, ref):
     return {"chosen_logp_change": h_w.mean().item(), "final_accuracy": (h_w > h_l).float().mean().item()}
 
 
-def evaluate_models(s, run, sft_model, tok, conversations, seeds):
-    """SFT, SFT with [TOXIC] and every trained loss on the eval split, each seed's replies sampled with that
-    seed. Each model's evaluation is its own artifact (eval_NAME.json), computed only when missing or stale.
-    Returns {model: [(metrics, units)] over seeds}, the eval sets, the last seed's replies, the triplets."""
-    sets = evaluate.eval_sets(s, conversations, "eval")
-    triplets, enc = [], None
-    if os.path.isfile(run.path("triplets.jsonl")):
-        triplets, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")),
-                                             s.min_judge_gap, sft_model.config.block_size, s.max_new_tokens)
-    ref = {}  # the SFT model's log-probs of the triplets, computed once if a policy is evaluated
-
-    def evaluate_policy(loss_name, seed):
-        policy, _, ckpt = load_checkpoint(run.path(checkpoint_name(loss_name, seed, s.seed)), s.device)
-        r, replies, units = evaluate.evaluate(s, policy, sft_model, tok, sets, seed, loss_name, enc,
-                                              run.sample)
-        r.update(evaluate.stability(ckpt["metrics"]))  # how the training went
-        if enc is not None:
-            if not ref:
-                ref.update(reference_logps(s, sft_model, enc))
-            r.update(final_pass(s, policy, enc, ref))
-        return r, replies, units
-
-    runs = {"sft": [], **{name: [] for name in run.evaluated}}
-    samples = {}
-    for seed in seeds:
-        def kept(model, compute):
-            return run.kept(eval_name(model, seed, s.seed), compute, evaluate.results_from_json)
-        r, samples["sft"], units = kept("sft", lambda: evaluate.evaluate(
-            s, sft_model, sft_model, tok, sets, seed, "sft", enc, run.sample))
-        control, samples["sft_control"] = kept("sft_control", lambda: evaluate.evaluate_sft_control(
-            s, sft_model, tok, sets, seed, run.sample))
-        runs["sft"].append(({**control, **r}, units))
-        for name in run.evaluated:
-            r, samples[name], units = kept(name, lambda: evaluate_policy(name, seed))
-            runs[name].append((r, units))
-    return runs, sets, samples, triplets
+def evaluate_policy(s, name, policy, metrics, sft_model, tok, sets, seed, enc, ref,
+                    sample_replies=sample.sample_replies):
+    """A trained policy's evaluation (evaluate.evaluate), how its training went (its per-step metrics), and,
+    with triplets, the final pass over them (ref: a function that gives their reference_logps)."""
+    r, replies, units = evaluate.evaluate(s, policy, sft_model, tok, sets, seed, name, enc, sample_replies)
+    r.update(evaluate.stability(metrics))
+    if enc is not None:
+        r.update(final_pass(s, policy, enc, ref()))
+    return r, replies, units
 
 
-def token_logratios(s, run, sft_model, tok):
-    """The mechanism token by token (evaluate.token_logratios): the first triplets' replies under each trained
-    loss of the first seed."""
-    if not run.evaluated or not os.path.isfile(run.path("triplets.jsonl")):
-        return []
-    triplets, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")),
-                                         s.min_judge_gap, sft_model.config.block_size, s.max_new_tokens)
-    policies = {name: load_checkpoint(run.path(checkpoint_name(name, s.seed, s.seed)), s.device)[0]
-                for name in run.evaluated}
-    return evaluate.token_logratios(policies, sft_model, tok, enc, triplets)
+# ----------------------------------------------------------------------------------------------------------
+# what a loop asks of the machinery, in the simplest case: main() passes harness.loop.Hooks instead
 
 
-# the code that computes each artifact, from where the walk starts (codedeps.py follows everything these
-# reach, in any module: editing any of it makes the artifact stale; each loss adds its own function)
-CODE = {"tokenizer.json": (make_tokenizer, Run.tokenizer),
-        "sft.pt": ("model", train_sft, jsonl, Run.save_checkpoint, load_checkpoint),
-        "triplets.jsonl": (build_triplets, Run.sampler, jsonl),
-        "pref": (preference_optimization, Run.save_checkpoint, load_checkpoint),
-        "eval": ("provoked.txt", evaluate_models, evaluate.eval_sets, load_checkpoint),
-        "report.json": (evaluate.report_files, token_logratios, evaluate.plot_token_logratios,
-                        evaluate.report_table, Run.write)}
+class OneProcess:
+    """The hooks of a training loop in one process that keeps nothing between runs (tests, a notebook)."""
+    world, is_main = 1, True  # processes; this one prints
+
+    def start(self, model, optimizer, generator, rows=None):
+        return model, 0, {}  # the model to run, the step to start from, the loop's saved state
+
+    def end_step(self, step, loss, model, optimizer, generator, **state):
+        pass  # harness.loop.Hooks: stop on a non-finite loss; every --checkpoint_interval steps a resume state
+
+    def micro_batches(self, model, x, y, grad_accum):
+        """grad_accum pieces of the batch, each weighted by its share of the batch's target tokens."""
+        total, n = max(int((y != -1).sum()), 1), x.size(0)
+        for piece in (slice(i * n // grad_accum, (i + 1) * n // grad_accum) for i in range(grad_accum)):
+            yield x[piece], y[piece], int((y[piece] != -1).sum()) / total
+
+    def share(self, items):
+        return items  # this process's part of a batch
+
+    def average_gradients(self, model):
+        pass  # over the processes
+
+    def sum(self, value):
+        return value  # over the processes
+
+    def mean(self, row):
+        return row  # each value averaged over the processes
+
+
+# the code that computes each artifact, from where the walk starts (harness/codedeps.py follows everything
+# these reach, in any module: editing any of it makes the artifact stale; each loss adds its own function;
+# the machinery adds the parts of its own that an artifact passes through: harness.artifacts.OWN_CODE)
+CODE = {"tokenizer.json": (make_tokenizer,),
+        "sft.pt": ("model", train_sft),
+        "triplets.jsonl": (build_triplets,),
+        "pref": (train_preference, reference_logps),
+        "eval": ("provoked.txt", evaluate.eval_sets, evaluate.evaluate, evaluate.evaluate_sft_control,
+                 evaluate_policy),
+        "report.json": (evaluate.token_logratios,)}
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 
 def main(argv):
-    s = get_settings(argv)
-    s = dataclasses.replace(s, device=distributed.setup(s.device))  # under torchrun: join the processes
-    stages = stage_list(s)
-    losses = loss_list(s)  # the DPO baseline and the method(s)
-    seeds = [s.seed + i for i in range(s.seeds)]
-    conversations = load_corpus(s)
-    print(data.summary(conversations))
-    # before the first file is written: what the stages read is there and fresh, and every input is sound
-    run = Run(s, argv, conversations, losses, seeds, CODE, stages)
-    checks.check_inputs(s, stages, conversations, run.path("triplets.jsonl"))
-    run.lock_out_dir()  # this run's alone, until it ends
-    run.stage_seconds["data"] = run.wall_time()
+    # the machinery (harness/): the settings checked, the corpus read, out_dir locked; and, before anything is
+    # written, what the stages read is there and fresh (a stale file names the command that rebuilds it)
+    s, conversations, run = harness.start(argv, Settings(), PRESETS, CODE)
 
     # 1. SFT: the dialogue model, and with [TOXIC] the inner toxic model (a fresh artifact is not made again)
-    if "sft" in stages and not run.fresh("sft.pt"):
-        with run.timed("sft"):
-            tok = run.tokenizer(lambda: make_tokenizer(s, conversations))  # made once, kept in out_dir
-            sft_model, curve = train_sft(s, tok, conversations, run)
-            run.write("metrics_sft.jsonl", jsonl(curve))
-            run.save_checkpoint("sft.pt", sft_model, tok)
-    sft_model, tok, _ = load_checkpoint(run.path("sft.pt"), s.device)  # the later steps use its tokenizer
+    if run.todo("sft.pt"):
+        tok = run.tokenizer(lambda: make_tokenizer(s, conversations))  # made once, kept in out_dir
+        sft_model, curve = train_sft(s, tok, conversations, run.hooks("sft.pt"))
+        run.save_sft(sft_model, tok, curve)
+    sft_model, tok = run.load_sft()  # the later steps use its tokenizer
 
     # 2. self-generated triplets (x, y_w, y_l, y_t) on contexts SFT never trained on
-    if "triplets" in stages and not run.fresh("triplets.jsonl"):
-        with run.timed("triplets"):
-            triplets = build_triplets(s, sft_model, tok, conversations, run.sampler("triplets.jsonl"))
-            run.write("triplets.jsonl", jsonl(triplets))
-        print(f"triplets: {len(triplets)} written to {run.path('triplets.jsonl')}; "
-              + data.describe_triplets(triplets, s.toxic_threshold))
+    if run.todo("triplets.jsonl"):
+        triplets = build_triplets(s, sft_model, tok, conversations, run.sampler("triplets.jsonl"))
+        run.save_triplets(triplets)
+    triplets, enc = run.triplets(tok, sft_model)  # read back, encoded for scoring (none: [], None)
+    ref = functools.cache(lambda: reference_logps(s, sft_model, enc))  # computed once, if needed
 
-    # 3. DPO and ADPO from the same SFT model, on the same triplets
-    if "pref" in stages:
-        with run.timed("pref"):
-            preference_optimization(s, run, sft_model, tok, losses, seeds)
+    # 3. DPO and ADPO from the same SFT model, on the same triplets: the loss is the only difference
+    for loss, seed in run.to_train():
+        policy, metrics = train_preference(s, loss, sft_model, enc, ref(), seed, run.hooks(loss, seed))
+        run.save_policy(loss, seed, policy, tok, metrics)
 
-    # 4. evaluation: SFT, DPO and ADPO on the same held-out contexts, sampled with the same seeds
-    if "eval" in stages and not run.fresh("report.json"):
-        with run.timed("eval"):
-            runs, sets, samples, triplets = evaluate_models(s, run, sft_model, tok, conversations, seeds)
-            logratios = token_logratios(s, run, sft_model, tok)  # the mechanism, token by token
-            if logratios and distributed.is_main():
-                evaluate.plot_token_logratios(run.path("token_logratios.png"), logratios)
-        files = evaluate.report_files(s, runs, sets, samples, triplets, logratios, run.stage_seconds,
-                                      run.wall_time())
-        for name, text in files.items():  # report.json last: it marks the stage finished
-            run.write(name, text)
-        print(evaluate.report_table(json.loads(files["report.json"]), list(runs)))
-    print(f"done in {run.wall_time() / 60:.1f} min; outputs in {s.out_dir}/")
+    # 4. evaluation: SFT, SFT with [TOXIC], DPO and ADPO on the same held-out contexts, with the same seeds
+    if run.todo("report.json"):
+        sets = evaluate.eval_sets(s, conversations, "eval")
+        for seed in run.seeds:
+            run.evaluation("sft", seed, lambda: evaluate.evaluate(
+                s, sft_model, sft_model, tok, sets, seed, "sft", enc, run.sample))
+            run.evaluation("sft_control", seed, lambda: evaluate.evaluate_sft_control(
+                s, sft_model, tok, sets, seed, run.sample))
+            for name in run.evaluated:
+                run.evaluation(name, seed, lambda: evaluate_policy(
+                    s, name, *run.load_policy(name, seed), sft_model, tok, sets, seed, enc, ref, run.sample))
+        policies = {name: run.load_policy(name, s.seed)[0] for name in run.evaluated if enc is not None}
+        logratios = evaluate.token_logratios(policies, sft_model, tok, enc, triplets) if policies else []
+        run.report(sets, triplets, logratios)  # report.json, report.md, samples.json; the table printed
+    run.done()
 
 
 # main() itself: which step runs and what it is given; an edit of it makes every artifact stale
@@ -552,4 +484,4 @@ CODE["glue"] = (main,)
 
 
 if __name__ == "__main__":
-    artifacts.run_main(main)
+    harness.run_main(main)

@@ -17,13 +17,13 @@ or handed a file from someone else; none of these may give a wrong result.
 - torchrun: only rank 0 writes; sampling splits the rows over the processes and gathers the replies.
 """
 
+import dataclasses
 import fcntl
 import hashlib
 import json
 import os
 import random
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -33,9 +33,9 @@ from harness import codedeps
 import data
 from harness import distributed
 import sample
-from harness import checks
-from harness.checks import STAGES, RunError, check_finite, check_out_dir, checkpoint_dict, read_checkpoint
-from model import compile_model
+from harness import checks, reports
+from harness.checks import STAGES, RunError, check_out_dir, checkpoint_dict, load_checkpoint, read_checkpoint
+from harness.loop import Hooks
 
 # the settings each artifact depends on, besides the artifact it is built from
 DEPENDS_ON = {
@@ -70,7 +70,7 @@ def checkpoint_name(loss, seed, first_seed):
 
 
 # tables the shared code reaches but does not depend on: each loss counts in its own checkpoints only
-SHARED_EXCLUDES = ("adpo.LOSSES",)
+SHARED_EXCLUDES = ("adpo.LOSSES", "harness.artifacts.OWN_CODE")  # tables of roots: their entries count apart
 
 
 def code_of(*roots):
@@ -92,12 +92,12 @@ def fingerprints(s, conversations, losses, seeds, code, evaluated=None):
     """{file name: fingerprint} of every artifact this command would write, before any is written. code: what
     computes each artifact (train.CODE). evaluated: the losses the eval step will find (default: all)."""
     def pick(name):
-        return {k: getattr(s, k) for k in DEPENDS_ON[name]}, code_of(*code.get(name, ()))
+        return {k: getattr(s, k) for k in DEPENDS_ON[name]}, code_of(*code.get(name, ()), *OWN_CODE[name])
 
     corpus = digest([(c.id, c.turns, c.toxic, c.split) for c in conversations])
     # the glue (train.main: which step runs, with what, and the helpers it calls, but not the steps' own
     # code, which counts for their artifacts alone): for every artifact
-    steps = [x for name, roots in code.items() if name != "glue" for x in roots
+    steps = [x for name, roots in [*code.items(), *OWN_CODE.items()] if name != "glue" for x in roots
              if not isinstance(x, str) or x.endswith(codedeps.DATA_SUFFIXES)]
     glue = codedeps.code_of(*code.get("glue", ()), exclude=SHARED_EXCLUDES + tuple(steps))
     gpt2_files = [os.path.join(s.init_from, name) for name in checks.GPT2_FILES] if s.init_from else []
@@ -206,6 +206,10 @@ def check_inputs(out_dir, fp, stages, argv):
 # writing: a temporary file, then an atomic rename; under torchrun only rank 0 writes, the others wait
 
 
+def jsonl(rows):
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def atomic_write(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -269,14 +273,14 @@ def set_rng_states(states, generator):
 
 
 class Run:
-    """One command's hold on out_dir. train.py's steps ask it three kinds of things: is an artifact
-    fresh (skip its step), save and resume training (two calls in a loop), and write a file or a piece
-    of a stage."""
+    """One command's hold on out_dir, built by start(). train.main asks it whether an artifact is to be made
+    (todo), hands each training loop its hooks, and gives it what a step made to save; the sampling stages
+    keep their finished pieces through it."""
 
     def __init__(self, s, argv=(), conversations=None, losses=(), seeds=(), code=None, stages=()):
         """Checks, before anything is written, that what the stages read is there and fresh. Without
         conversations, a run that keeps nothing between commands (no fingerprints: tests, sweep points)."""
-        self.s = s
+        self.s, self.stages, self.losses, self.seeds = s, list(stages), list(losses), list(seeds)
         self.t_start = time.time()
         self.fp = {}
         # the losses the eval step evaluates: all after a pref step, else those whose checkpoints are there
@@ -286,6 +290,9 @@ class Run:
             check_inputs(s.out_dir, self.fp, stages, argv)
         self.stage_seconds = {}
         self._chunks = {}
+        self._stage = None  # (the stage being made, when it started)
+        self._curves = {}  # loss -> per-step metrics of the first seed, for curves.png
+        self._evaluations = {}  # (model, seed) -> its evaluation
 
     def path(self, name):
         return os.path.join(self.s.out_dir, name)
@@ -293,14 +300,27 @@ class Run:
     def fresh(self, name):
         return is_fresh(self.path(name), self.fp[name])
 
-    @contextmanager
-    def timed(self, stage):
-        t0 = time.time()
-        yield
-        self.stage_seconds[stage] = time.time() - t0
-
     def wall_time(self):
         return time.time() - self.t_start
+
+    def todo(self, name):
+        """Whether train.main makes artifact `name` now: its stage is in --stages and it is not fresh. Yes
+        also starts the stage's clock."""
+        stage = STAGE_OF[name]
+        if stage not in self.stages or self.fresh(name):
+            return False
+        self._stage = (stage, time.time())
+        return True
+
+    def _stage_done(self):
+        if self._stage is not None:
+            self.stage_seconds[self._stage[0]] = time.time() - self._stage[1]
+            self._stage = None
+
+    def done(self):
+        print(f"done in {self.wall_time() / 60:.1f} min; outputs in {self.s.out_dir}/")
+
+    # writing: atomically, each artifact recorded as finished
 
     def write(self, name, text):
         """out_dir/name, atomically; an artifact (a name with a fingerprint) is then recorded as finished."""
@@ -331,13 +351,109 @@ class Run:
             return tok
         return distributed.main_first(get)
 
-    # training: where a loop resumes, and what it saves
+    # step 1 and 2: the SFT model and the triplets
 
-    def prepare(self, model, rows):
-        """The model a training loop runs: compiled with --compile, wrapped for DDP under torchrun."""
-        if self.s.compile:
-            model = compile_model(model, (rows, self.s.block_size), self.s.device)
-        return distributed.wrap(model, self.s.device)
+    def save_sft(self, model, tok, curve):
+        self.write("metrics_sft.jsonl", jsonl(curve))
+        self.save_checkpoint("sft.pt", model, tok)
+        self._stage_done()
+
+    def load_sft(self):
+        """(the SFT model, its tokenizer) from sft.pt."""
+        model, tok, _ = load_checkpoint(self.path("sft.pt"), self.s.device)
+        return model, tok
+
+    def save_triplets(self, triplets):
+        self.write("triplets.jsonl", jsonl(triplets))
+        self._stage_done()
+        print(f"triplets: {len(triplets)} written to {self.path('triplets.jsonl')}; "
+              + data.describe_triplets(triplets, self.s.toxic_threshold))
+
+    def triplets(self, tok, sft_model):
+        """triplets.jsonl read back and encoded (checks.load_triplets) when a step still to do reads it and it
+        is there; else [] and None."""
+        wanted = ("pref" in self.stages and any(True for _ in self._to_train())) or \
+            ("eval" in self.stages and not self.fresh("report.json"))
+        if not wanted or not os.path.isfile(self.path("triplets.jsonl")):
+            return [], None
+        return checks.load_triplets(self.path("triplets.jsonl"), tok, self.s, sft_model.config.block_size)
+
+    # step 3: the preference stage
+
+    def _to_train(self):
+        return [(loss, seed) for seed in self.seeds for loss in self.losses
+                if not self.fresh(checkpoint_name(loss, seed, self.s.seed))]
+
+    def to_train(self):
+        """The (loss, seed) pairs of the preference stage not trained by the same command yet (none without
+        pref in --stages). When the last is saved: each policy's metrics file where it is missing, and
+        curves.png (the first seed's curves)."""
+        if "pref" not in self.stages:
+            return
+        t0, todo = time.time(), self._to_train()
+        yield from todo
+        for loss, seed in [(loss, seed) for seed in self.seeds for loss in self.losses]:
+            name = checkpoint_name(loss, seed, self.s.seed)
+            metrics_file = f"metrics_{name.removesuffix('.pt')}.jsonl"
+            if (loss, seed) in todo or (seed != self.s.seed and os.path.isfile(self.path(metrics_file))):
+                continue
+            metrics = read_checkpoint(self.path(name))["metrics"]
+            if not os.path.isfile(self.path(metrics_file)):
+                self.write(metrics_file, jsonl(metrics))
+            if seed == self.s.seed:
+                self._curves[loss] = metrics
+        if distributed.is_main() and (todo or not os.path.isfile(self.path("curves.png"))):
+            reports.plot_curves(self.path("curves.png"), {loss: self._curves[loss] for loss in self.losses})
+        self.stage_seconds["pref"] = time.time() - t0
+
+    def hooks(self, name, seed=None):
+        """The hooks of the loop that makes checkpoint `name` (sft.pt), or loss `name`'s of seed `seed`."""
+        return Hooks(self, name if seed is None else checkpoint_name(name, seed, self.s.seed))
+
+    def save_policy(self, loss, seed, policy, tok, metrics):
+        name = checkpoint_name(loss, seed, self.s.seed)
+        self.save_checkpoint(name, policy, tok, loss=loss, pref_seed=seed, metrics=metrics)
+        self.write(f"metrics_{name.removesuffix('.pt')}.jsonl", jsonl(metrics))
+        if seed == self.s.seed:
+            self._curves[loss] = metrics
+
+    def load_policy(self, loss, seed):
+        """(the policy, its per-step metrics) of loss `loss` and seed `seed`."""
+        policy, _, ckpt = load_checkpoint(self.path(checkpoint_name(loss, seed, self.s.seed)), self.s.device)
+        return policy, ckpt["metrics"]
+
+    # step 4: the evaluations and the report
+
+    def evaluation(self, model, seed, compute):
+        """The evaluation of `model` with `seed`: eval_MODEL.json when it is fresh, else compute() written
+        there first (read back from JSON both ways, so a resumed stage computes with the same numbers)."""
+        if self._stage is None:
+            self._stage = ("eval", time.time())
+        name = eval_name(model, seed, self.s.seed)
+        self._evaluations[model, seed] = self.kept(name, compute, reports.results_from_json)
+
+    def report(self, sets, triplets, logratios):
+        """report.json (written last: it marks the stage finished), report.md and samples.json from the
+        evaluations, the token figure; the table printed."""
+        runs = {"sft": [], **{name: [] for name in self.evaluated}}
+        samples = {}
+        for seed in self.seeds:
+            r, samples["sft"], units = self._evaluations["sft", seed]
+            control, samples["sft_control"] = self._evaluations["sft_control", seed]
+            runs["sft"].append(({**control, **r}, units))
+            for name in self.evaluated:
+                r, samples[name], units = self._evaluations[name, seed]
+                runs[name].append((r, units))
+        if logratios and distributed.is_main():
+            reports.plot_token_logratios(self.path("token_logratios.png"), logratios)
+        self._stage_done()
+        files = reports.report_files(self.s, runs, sets, samples, triplets, logratios, self.stage_seconds,
+                                     self.wall_time())
+        for name, text in files.items():  # report.json last
+            self.write(name, text)
+        print(reports.report_table(json.loads(files["report.json"]), list(runs)))
+
+    # training: where a loop resumes, and what it saves (harness/loop.py)
 
     def resume(self, name, model, optimizer, generator):
         """(the step to start from, the state saved with it): 0 and {}, or those of NAME.resume.pt when it was
@@ -354,10 +470,8 @@ class Run:
         print(f"{os.path.basename(path)}: resumed at step {state['step']}")
         return state["step"], state
 
-    def end_step(self, name, step, loss, model, optimizer, generator, **state):
-        """After step `step` (counted from 0): stop on a non-finite loss; every --checkpoint_interval steps,
-        save everything the loop needs to go on (state: its data position, its logs)."""
-        check_finite(loss, name.split("_seed")[0].removesuffix(".pt"), step)  # dpo_seed1338.pt: dpo
+    def save_resume_state(self, name, step, model, optimizer, generator, **state):
+        """Every --checkpoint_interval steps, NAME.resume.pt: all a loop needs to go on after step `step`."""
         if (step + 1) % self.s.checkpoint_interval == 0 and name in self.fp:
             save({"fingerprint": self.fp[name], "step": step + 1, "model": model.state_dict(),
                   "optimizer": optimizer.state_dict(), "rng": rng_states(generator), **state},
@@ -443,6 +557,33 @@ def lock_holder(path):
     except (OSError, IndexError):
         pass
     return "unknown"
+
+
+# the machinery's own code that each artifact passes through (train.CODE names the method's)
+OWN_CODE = {"tokenizer.json": (Run.tokenizer,),
+            "sft.pt": (*vars(Hooks).values(), Run.save_sft, Run.save_checkpoint, load_checkpoint),
+            "triplets.jsonl": (Run.sampler, Run.save_triplets),
+            "pref": (*vars(Hooks).values(), Run.triplets, Run.save_policy, Run.save_checkpoint),
+            "eval": (Run.triplets, Run.evaluation, Run.load_policy, Run.sample),
+            "report.json": (Run.report,)}
+OWN_CODE = {name: tuple(x for x in roots if callable(x)) for name, roots in OWN_CODE.items()}
+
+
+def start(argv, defaults, presets, code):
+    """train.py's start: its settings (defaults, then the preset's, then argv's --key=value, all checked), the
+    corpus, and the Run, which has checked that what the stages read is there and fresh, and holds out_dir.
+    code: what computes each artifact (train.CODE)."""
+    s = checks.get_settings(argv, defaults, presets)
+    s = dataclasses.replace(s, device=distributed.setup(s.device))  # under torchrun: join the processes
+    stages = checks.stage_list(s)
+    conversations = checks.load_corpus(s)
+    print(data.summary(conversations))
+    # the DPO baseline and the method(s); each seed trains and evaluates again
+    run = Run(s, argv, conversations, checks.loss_list(s), [s.seed + i for i in range(s.seeds)], code, stages)
+    checks.check_inputs(s, stages, conversations, run.path("triplets.jsonl"))
+    run.lock_out_dir()  # this run's alone, until it ends
+    run.stage_seconds["data"] = run.wall_time()
+    return s, conversations, run
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 import adpo
 import data
 from harness import distributed
-from harness.configurator import ConfigError, check_rules
+from harness.configurator import ConfigError, apply_overrides, check_rules, parse_overrides
 from data import EOT_ID, REPLIES, DataError
 from model import CONV1D, GPT, GPTConfig, read_gpt2_config
 
@@ -61,6 +61,25 @@ SAMPLE_RULES = [  # sample.py's, checked before the checkpoint is read
     ("top_k", lambda v: v is None or v >= 1, "at least 1 (or none: all tokens)"),
     ("top_p", lambda v: v is None or 0 < v <= 1, "in (0, 1] (or none: off)"),
 ]
+
+
+def get_settings(argv, defaults, presets):
+    """defaults (train.Settings()), then the preset's, then argv's --key=value, checked."""
+    overrides = parse_overrides(argv)
+    preset = overrides.get("preset") or ("gpu" if torch.cuda.is_available() else "cpu")
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(presets)}")
+    s = apply_overrides(defaults, {k: str(v) for k, v in presets[preset].items()})
+    s = apply_overrides(s, overrides)
+    s = dataclasses.replace(s, preset=preset)
+    check_settings(s)
+    return s
+
+
+def load_corpus(s):
+    """The conversations of --data (or the built-in corpus), labelled by the judge where they are not."""
+    raw = read_conversations(s.data) if s.data else None
+    return data.load_corpus(raw, s.toxic_threshold, s.max_conversations)
 
 
 def stage_list(s):
@@ -161,6 +180,11 @@ def check_inputs(s, stages, conversations, triplets_path):
             raise DataError(f"the {split} split has no context with a reply; use more conversations")
     if "pref" in stages and "triplets" not in stages:
         data.select_triplets(read_triplets(triplets_path), s.min_judge_gap)
+
+
+def load_triplets(path, tok, s, block_size):
+    """(the triplets of path, checked, with --min_judge_gap applied; the same encoded for scoring)."""
+    return data.preference_data(tok, read_triplets(path), s.min_judge_gap, block_size, s.max_new_tokens)
 
 
 def read_triplets(path):

@@ -30,7 +30,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 DATA_SUFFIXES = (".txt", ".csv", ".tsv")  # data files the code may read; artifacts (out_dir) are never these
-NOT_PROJECT_DIRS = {"out", "docs", "tests", "__pycache__", "site-packages", "venv", ".venv", "env"}
+NOT_PROJECT_DIRS = {"out", "docs", "__pycache__", "site-packages", "venv", ".venv", "env"}
 CALLED_BY_PYTHON = ("forward", "__call__")  # what calling an unknown object may run
 MUTATORS = ("append", "extend", "insert", "update", "setdefault", "add", "register", "pop", "remove", "clear")
 IMPLICIT = ("forward", "backward", "setup_context")  # what torch calls itself (nn.Module, autograd.Function)
@@ -70,14 +70,17 @@ def data_files(name):
 def real_name(name):
     """A module's importable name; for the script that was run (__main__: python train.py, python -m
     tools.sweep), the name of its file."""
-    if name != "__main__":
+    module = sys.modules.get(name)
+    if name == "__main__":
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.name:
+            return spec.name
+    elif module_file(name) is not None:
         return name
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name:
-        return spec.name
-    path = getattr(main, "__file__", None)
-    return module_name(os.path.realpath(path)) if path else name
+    # a script, or a module imported under another name (pytest's tests/test_x.py as test_x): by its file
+    path = getattr(module, "__file__", None)
+    inside = path and not os.path.relpath(os.path.realpath(path), ROOT).startswith("..")
+    return module_name(os.path.realpath(path)) if inside else name
 
 
 def module_name(path):
@@ -447,8 +450,7 @@ class Walk:
                 self.follow_object(value)  # bound where the source does not show (import *, setattr)
                 return ("value",)
             submodule = self.module(f"{module.name}.{name}") if module.path.endswith("__init__.py") else None
-            if submodule is not None:
-                self.add(submodule, submodule.tree, "<module>")
+            if submodule is not None:  # package.module, as `import package.module` reads it
                 return ("module", submodule)
             return None
         found = None
@@ -475,8 +477,7 @@ class Walk:
         if source[0] == "module":
             return ("module", target)
         submodule = self.module(f"{source[1]}.{source[2]}")
-        if source[2] not in target.top and submodule is not None:  # from package import module
-            self.add(submodule, submodule.tree, "<module>")
+        if source[2] not in target.top and submodule is not None:  # from package import module: as import
             return ("module", submodule)
         return self.global_name(target, source[2], depth + 1)
 

@@ -15,6 +15,7 @@ import train
 from harness.artifacts import Run
 from harness.configurator import ConfigError
 from model import GPT, GPTConfig
+from conftest import get_settings
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 # stdout buffered, as a user's is (PYTHONUNBUFFERED would make every print a write of its own)
@@ -27,12 +28,12 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "OMP_
 
 def test_gamma_and_toxic_copies_may_be_zero_not_negative():
     """gamma 0: ADPO is DPO (EXERCISES.md 3); toxic_copies 0: SFT without the control token (exercise 7)."""
-    s = train.get_settings(["--preset=tiny", "--gamma=0", "--toxic_copies=0"])
+    s = get_settings(["--preset=tiny", "--gamma=0", "--toxic_copies=0"])
     assert s.gamma == 0 and s.toxic_copies == 0
     for arg, message in (("--gamma=-0.1", "--gamma must be at least 0, got -0.1"),
                          ("--toxic_copies=-1", "--toxic_copies must be at least 0, got -1")):
         with pytest.raises(ConfigError, match=re.escape(message)):
-            train.get_settings(["--preset=tiny", arg])
+            get_settings(["--preset=tiny", arg])
 
 
 def test_no_toxic_copies_is_sft_without_the_control_token():

@@ -16,9 +16,11 @@ import torch
 
 import data
 import evaluate
+from harness import reports
 import train
+from harness import artifacts
 from harness.checks import RunError
-from conftest import RUN
+from conftest import RUN, get_settings
 from sample import Reply
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -106,9 +108,9 @@ def test_a_micro_batch_without_targets_does_not_stop_sft(tok, monkeypatch):
         y[: batch_size // 2] = -1
         return x, y
     monkeypatch.setattr(data, "get_sft_batch", first_rows_without_targets)
-    s = train.get_settings(["--preset=tiny", "--sft_iters=3", "--grad_accum=2", "--log_interval=1"])
+    s = get_settings(["--preset=tiny", "--sft_iters=3", "--grad_accum=2", "--log_interval=1"])
     conversations = data.load_corpus(None, 0.5, 60)
-    model, curve = train.train_sft(s, tok, conversations, train.Run(s))
+    model, curve = train.train_sft(s, tok, conversations)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(curve) == 3 and all(row["loss"] == row["loss"] for row in curve)  # no nan
 
@@ -121,14 +123,14 @@ def test_validation_forwards_no_more_rows_than_a_training_step(tok, monkeypatch)
         rows.append(idx.size(0))
         return real(self, idx, targets)
     monkeypatch.setattr(train.GPT, "forward", forward)
-    s = train.get_settings(["--preset=tiny", "--sft_iters=2", "--grad_accum=4", "--eval_interval=2"])
-    train.train_sft(s, tok, data.load_corpus(None, 0.5, 60), train.Run(s))
+    s = get_settings(["--preset=tiny", "--sft_iters=2", "--grad_accum=4", "--eval_interval=2"])
+    train.train_sft(s, tok, data.load_corpus(None, 0.5, 60))
     assert max(rows) == s.batch_size // 4 and len(rows) > 2 * 4  # the validation batches ran, in pieces
 
 
 def test_empty_toxic_replies_are_never_kept(tok):
     """A [TOXIC] reply that came back empty is no y_t; a context whose every try was empty has no triplet."""
-    s = train.get_settings(["--preset=tiny", "--pref_contexts=4", "--num_candidates=2", "--toxic_retries=2"])
+    s = get_settings(["--preset=tiny", "--pref_contexts=4", "--num_candidates=2", "--toxic_retries=2"])
     conversations = data.load_corpus(None, 0.5, 400)
     first = []
 
@@ -153,7 +155,7 @@ def test_curves_show_every_loss(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "replace", lambda *a: None)
     runs = {name: [{"step": 1, "loss": 0.6, "rewards/margins": 0.1, "logratio/chosen": 0.0,
                     "logratio/rejected": 0.0}] for name in ("dpo", "adpo", "adpo_split", "ipo", "cdpo")}
-    evaluate.plot_curves(str(tmp_path / "curves.png"), runs)
+    reports.plot_curves(str(tmp_path / "curves.png"), runs)
     labels = saved[0].axes[0].get_legend_handles_labels()[1]
     assert labels == list(runs)
     colors = {line.get_color() for line in saved[0].axes[0].get_lines()}
@@ -163,7 +165,7 @@ def test_curves_show_every_loss(monkeypatch, tmp_path):
 def test_a_report_without_a_value_is_still_json(tmp_path):
     """eot_logprob_after_chosen has no value when no chosen reply ended by itself: null, never nan."""
     assert evaluate.eot_logprob_after_chosen(None, [{"prompt": [5], "chosen": [6, 7]}], 4, "cpu") is None
-    section = evaluate.summarize([({"eot_logprob_after_chosen": None, "x": 1.0}, {})] * 2)
+    section = reports.summarize([({"eot_logprob_after_chosen": None, "x": 1.0}, {})] * 2)
     assert section["eot_logprob_after_chosen"] is None
     text = json.dumps(section, allow_nan=False)
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the report"))
@@ -172,8 +174,8 @@ def test_a_report_without_a_value_is_still_json(tmp_path):
 
 
 def test_run_is_a_plain_object_for_one_off_calls(tmp_path):
-    s = train.get_settings(["--preset=tiny", f"--out_dir={tmp_path}"])
-    run = train.Run(s)
+    s = get_settings(["--preset=tiny", f"--out_dir={tmp_path}"])
+    run = artifacts.Run(s)
     assert run.fp == {} and run.resume("dpo.pt", None, None, None) == (0, {})
     with pytest.raises(RunError, match="dpo step 3: the loss is nan"):
-        run.end_step("dpo.pt", 3, float("nan"), None, None, None)
+        run.hooks("dpo.pt").end_step(3, float("nan"), None, None, None)

@@ -15,6 +15,7 @@ import evaluate
 import train
 from harness.artifacts import Run
 from sample import prompt_ids
+from conftest import get_settings
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def test_tokenizer_round_trip(tok):
 def test_tokenizer_saved_and_reused(tmp_path):
     conversations = [data.Conversation(str(i), ["hello there friend", "hi how are you"], [False, False], "sft")
                      for i in range(20)]
-    s = train.get_settings(["--preset=tiny", "--vocab_size=280", f"--out_dir={tmp_path}"])
+    s = get_settings(["--preset=tiny", "--vocab_size=280", f"--out_dir={tmp_path}"])
     made = []
 
     def make():
@@ -77,7 +78,7 @@ def test_dev_split_is_apart_from_pref_and_eval():
     conversations = data.load_corpus()
     fractions = {sp: sum(c.split == sp for c in conversations) / len(conversations) for sp in data.SPLITS}
     assert 0.03 < fractions["pref"] < 0.07 and 0.03 < fractions["dev"] < 0.07
-    s = train.get_settings(["--preset=cpu"])
+    s = get_settings(["--preset=cpu"])
     dev, final = evaluate.eval_sets(s, conversations, "dev"), evaluate.eval_sets(s, conversations, "eval")
     dev_split = {tuple(e.context) for e in data.contexts_and_replies(conversations, "dev", s.context_turns)}
     assert len(dev["adversarial"]) == 128 and all(tuple(x) in dev_split for x in dev["adversarial"])

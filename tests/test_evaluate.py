@@ -11,6 +11,7 @@ import torch
 import adpo
 import data
 import evaluate
+from harness import reports
 import train
 
 
@@ -47,7 +48,6 @@ def test_evasion_and_distinct2_on_known_strings():
     assert evaluate.is_evasive("hmm, let's talk about something else")
     assert not evaluate.is_evasive("i know a great pizza place")
     assert not evaluate.is_evasive("the kids don't know how to swim")
-    assert evaluate.evasive_rate(["", "i like cats", "idk", "sure"]) == 0.5
     assert evaluate.distinct2(["a b c", "a b d"]) == pytest.approx(3 / 4)  # (a b) twice, (b c), (b d)
     assert evaluate.distinct2(["a a a a"]) == pytest.approx(1 / 3)
     assert evaluate.distinct2(["one"]) == 0.0
@@ -71,11 +71,11 @@ def test_bootstrap_interval_is_over_contexts_not_replies():
     context are not independent, so the interval is that of 100 draws (half width ~ 1.96 * 0.05), not 400."""
     num = np.array([4.0, 0.0] * 50)
     den = np.full(100, 4.0)
-    low, high = evaluate.percentile_ci(evaluate.bootstrap_draws(num, den))
+    low, high = reports.percentile_ci(reports.bootstrap_draws(num, den))
     assert low < 0.5 < high
     assert 0.16 < high - low < 0.24
-    no_spread = evaluate.bootstrap_draws(np.full(10, 2.0), np.full(10, 4.0))
-    assert evaluate.percentile_ci(no_spread) == [0.5, 0.5]  # no spread, no width
+    no_spread = reports.bootstrap_draws(np.full(10, 2.0), np.full(10, 4.0))
+    assert reports.percentile_ci(no_spread) == [0.5, 0.5]  # no spread, no width
 
 
 def test_summarize_pools_seeds_and_reports_intervals():
@@ -83,7 +83,7 @@ def test_summarize_pools_seeds_and_reports_intervals():
              {"toxicity_adversarial": (np.array([1.0, 0.0, 0.0, 0.0]), np.full(4, 1.0))})
     seed2 = ({"toxicity_adversarial": 0.75, "distinct2": 0.7},
              {"toxicity_adversarial": (np.array([1.0, 1.0, 1.0, 0.0]), np.full(4, 1.0))})
-    section = evaluate.summarize([seed1, seed2])
+    section = reports.summarize([seed1, seed2])
     assert section["toxicity_adversarial"] == pytest.approx(0.5)  # 4 toxic of 8 replies
     assert section["toxicity_adversarial_std"] == pytest.approx(0.25)
     assert section["distinct2"] == pytest.approx(0.6) and "distinct2_ci95" not in section
@@ -91,7 +91,7 @@ def test_summarize_pools_seeds_and_reports_intervals():
     assert 0 <= low < 0.5 < high <= 1
     # val_ppl is pooled as a mean negative log-likelihood per token, then exponentiated
     units = {"val_ppl": (np.array([2.0, 4.0]), np.array([1.0, 1.0]))}
-    assert evaluate.summarize([({"val_ppl": 0.0}, units)])["val_ppl"] == pytest.approx(math.exp(3.0))
+    assert reports.summarize([({"val_ppl": 0.0}, units)])["val_ppl"] == pytest.approx(math.exp(3.0))
 
 
 def units_of(tox):
@@ -105,10 +105,10 @@ def test_clustered_interval_includes_the_seeds_noise():
     with the seeds pooled the interval is a point; resampling the seeds too, it spans what the seeds span."""
     runs = [({"toxicity_adversarial": 0.0}, units_of([0.0] * 50)),
             ({"toxicity_adversarial": 1.0}, units_of([4.0] * 50))]
-    section = evaluate.summarize(runs)
+    section = reports.summarize(runs)
     assert section["toxicity_adversarial_ci95"] == [0.5, 0.5]
     assert section["toxicity_adversarial_ci95_clustered"] == [0.0, 1.0]
-    assert "toxicity_adversarial_ci95_clustered" not in evaluate.summarize(runs[:1])  # one seed: none
+    assert "toxicity_adversarial_ci95_clustered" not in reports.summarize(runs[:1])  # one seed: none
 
 
 def test_paired_differences_cancel_the_shared_noise():
@@ -121,17 +121,17 @@ def test_paired_differences_cancel_the_shared_noise():
     runs = {"sft": [({"toxicity_adversarial": 0.0}, units_of(a))],
             "dpo": [({"toxicity_adversarial": 0.0}, units_of(a))],
             "adpo": [({"toxicity_adversarial": 0.0}, units_of(b))]}
-    report = {name: evaluate.summarize(r) for name, r in runs.items()}
+    report = {name: reports.summarize(r) for name, r in runs.items()}
     lo_a, hi_a = report["dpo"]["toxicity_adversarial_ci95"]
     lo_b, hi_b = report["adpo"]["toxicity_adversarial_ci95"]
     assert lo_a < hi_b  # the unpaired intervals overlap
-    evaluate.paired_differences(report, runs)
+    reports.paired_differences(report, runs)
     assert report["adpo"]["toxicity_adversarial_diff_vs_dpo"] == pytest.approx(-15 / 240)
     low, high = report["adpo"]["toxicity_adversarial_diff_vs_dpo_ci95"]
     assert low < -15 / 240 < high < 0
     assert report["dpo"]["toxicity_adversarial_diff_vs_sft_ci95"] == [0.0, 0.0]
     assert "toxicity_adversarial_diff_vs_dpo" not in report["dpo"] and "sft" in report  # no self, no sft vs
-    assert evaluate.differences(report, ["sft", "dpo", "adpo"], ["toxicity_adversarial"]) == \
+    assert reports.differences(report, ["sft", "dpo", "adpo"], ["toxicity_adversarial"]) == \
         "- toxicity_adversarial: dpo ~ sft, adpo < dpo, adpo < sft"
 
 
@@ -141,8 +141,8 @@ def test_paired_differences_over_two_seeds_vary_with_the_seeds():
     runs = {"sft": [({}, units_of(a)), ({}, units_of(a))],
             "dpo": [({}, units_of(a)), ({}, units_of(a))],
             "adpo": [({}, units_of(a - 1)), ({}, units_of(a + 1))]}
-    report = {name: evaluate.summarize(r) for name, r in runs.items()}
-    evaluate.paired_differences(report, runs)
+    report = {name: reports.summarize(r) for name, r in runs.items()}
+    reports.paired_differences(report, runs)
     low, high = report["adpo"]["toxicity_adversarial_diff_vs_dpo_ci95"]
     # per-seed differences -0.25 and 0.25: mean 0, standard error 0.25, t(1 degree of freedom) = 12.706
     assert low == pytest.approx(-12.706 * 0.25, rel=1e-3) and high == pytest.approx(12.706 * 0.25, rel=1e-3)
@@ -156,12 +156,12 @@ def test_seeds_that_tie_on_a_few_toxic_replies_prove_no_difference():
         counts[:toxic] = 1.0
         return ({}, units_of(counts))
     runs = {"dpo": [seed(3), seed(5)], "adpo": [seed(2), seed(4)]}
-    report = {name: evaluate.summarize(r) for name, r in runs.items()}
-    evaluate.paired_differences(report, runs)
+    report = {name: reports.summarize(r) for name, r in runs.items()}
+    reports.paired_differences(report, runs)
     low, high = report["adpo"]["toxicity_adversarial_diff_vs_dpo_ci95"]
     assert report["adpo"]["toxicity_adversarial_diff_vs_dpo"] == pytest.approx(-1 / 512)
     assert low < 0 < high
-    assert evaluate.differences(report, ["dpo", "adpo"], ["toxicity_adversarial"]) == \
+    assert reports.differences(report, ["dpo", "adpo"], ["toxicity_adversarial"]) == \
         "- toxicity_adversarial: adpo ~ dpo"
 
 
@@ -172,8 +172,8 @@ def test_the_difference_and_its_interval_come_from_the_same_per_seed_values():
         return ({}, {"sft_logprob_per_token": (np.array([num / 2, num / 2]), np.array([den / 2, den / 2]))})
     runs = {"adpo": [seed(-10, 10), seed(-61, 20), seed(-10.5, 10)],
             "dpo": [seed(-30, 20), seed(-35, 10), seed(-31, 20)]}
-    report = {name: evaluate.summarize(r) for name, r in runs.items()}
-    evaluate.paired_differences(report, runs)
+    report = {name: reports.summarize(r) for name, r in runs.items()}
+    reports.paired_differences(report, runs)
     diff = report["adpo"]["sft_logprob_per_token_diff_vs_dpo"]
     low, high = report["adpo"]["sft_logprob_per_token_diff_vs_dpo_ci95"]
     assert diff == pytest.approx((0.5 + 0.45 + 0.5) / 3) and low < diff < high and high > 0
@@ -182,17 +182,17 @@ def test_the_difference_and_its_interval_come_from_the_same_per_seed_values():
 def test_the_perplexity_interval_stays_above_1():
     """Two seeds at perplexity 40 and 60: the interval is taken on the log scale, then exponentiated."""
     runs = [({}, {"val_ppl": (np.full(10, math.log(p)), np.ones(10))}) for p in (40.0, 60.0)]
-    low, high = evaluate.summarize(runs)["val_ppl_ci95_clustered"]
+    low, high = reports.summarize(runs)["val_ppl_ci95_clustered"]
     assert 1 < low < 40 and high > 60
 
 
 def test_t_quantiles():
-    assert [evaluate.t975(df) for df in (1, 2, 5, 30)] == [12.706, 4.303, 2.571, 2.042]
-    assert evaluate.t975(31) == pytest.approx(2.0395, abs=1e-3) and evaluate.t975(1000) == pytest.approx(1.9623,
+    assert [reports.t975(df) for df in (1, 2, 5, 30)] == [12.706, 4.303, 2.571, 2.042]
+    assert reports.t975(31) == pytest.approx(2.0395, abs=1e-3) and reports.t975(1000) == pytest.approx(1.9623,
                                                                                                        abs=1e-3)
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 3, 10, 30, 40, 120):
-        assert evaluate.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+        assert reports.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
 
 
 def test_token_logratios_are_per_token_changes(tiny_triplets, tiny_gpt, tok, token_loop_logp):
@@ -298,18 +298,18 @@ def test_second_review_interval_cases():
     """Perplexity between two very different seeds stays above 1; zero toxic replies in every seed is no
     certainty of zero; the perplexity difference has the sign of the table's; unequal seeds are refused."""
     runs = [({}, {"val_ppl": (np.full(10, math.log(p)), np.ones(10))}) for p in (1.2, 30.0)]
-    assert evaluate.summarize(runs)["val_ppl_ci95_clustered"][0] >= 1.0
+    assert reports.summarize(runs)["val_ppl_ci95_clustered"][0] >= 1.0
     zero = [({}, units_of(np.zeros(128))) for _ in range(2)]
-    low, high = evaluate.summarize(zero)["toxicity_adversarial_ci95_clustered"]
+    low, high = reports.summarize(zero)["toxicity_adversarial_ci95_clustered"]
     assert low == 0.0 < high
     nll = {"dpo": [4.40, 4.40, 4.40], "adpo": [4.0, 4.35, 4.77]}
     runs = {name: [({}, {"val_ppl": (np.full(10, v), np.ones(10))}) for v in values] for name, values in nll.items()}
-    report = {name: evaluate.summarize(r) for name, r in runs.items()}
-    evaluate.paired_differences(report, runs)
+    report = {name: reports.summarize(r) for name, r in runs.items()}
+    reports.paired_differences(report, runs)
     diff = report["adpo"]["val_ppl_diff_vs_dpo"]
     assert diff == pytest.approx(report["adpo"]["val_ppl"] - report["dpo"]["val_ppl"]) and diff < 0
     low, high = report["adpo"]["val_ppl_diff_vs_dpo_ci95"]
     assert low < diff < high
     runs["adpo"] = runs["adpo"][:2]
     with pytest.raises(ValueError, match="same seeds"):
-        evaluate.paired_differences(report, runs)
+        reports.paired_differences(report, runs)

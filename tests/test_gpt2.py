@@ -15,10 +15,12 @@ from safetensors.torch import load_file, save_file
 
 import data
 import evaluate
+from harness import reports
 import train
 from harness.configurator import ConfigError
 from harness.checks import CheckpointError, check_gpt2_folder
 from model import GPT
+from conftest import get_settings
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 CONFIG = dict(model_type="gpt2", activation_function="gelu_new", layer_norm_epsilon=1e-5, n_layer=2, n_head=2,
@@ -199,7 +201,7 @@ def test_bad_gpt2_folder_stops_train_py_before_it_writes(gpt2_dir, tmp_path):
     assert result.returncode != 0 and result.stderr.startswith("error: ") and "c_fc.weight" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out_dir.exists()  # one line, nothing written
     with pytest.raises(ConfigError, match="--preset=gpt2 needs --init_from=DIR"):
-        train.get_settings(["--preset=gpt2"])
+        get_settings(["--preset=gpt2"])
 
 
 def test_train_from_a_gpt2_folder_end_to_end(gpt2_dir, tmp_path):
@@ -208,12 +210,12 @@ def test_train_from_a_gpt2_folder_end_to_end(gpt2_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(os.path.join(out_dir, "report.json")))
     for section in ("sft", "dpo", "adpo"):
-        for key in evaluate.SECTION_KEYS:
+        for key in reports.SECTION_KEYS:
             assert math.isfinite(report[section][key]), (section, key)
     for section in ("dpo", "adpo"):
-        for key in evaluate.STABILITY_KEYS:
+        for key in reports.STABILITY_KEYS:
             assert key in report[section] or (section, key) == ("dpo", "toxic_grad_share")
-    for key in evaluate.SFT_KEYS:
+    for key in reports.SFT_KEYS:
         assert key in report["sft"]
     assert report["triplets"]["n"] > 0
     # the run's tokenizer is GPT-2's with our special tokens, and every checkpoint has GPT-2's shape

@@ -1,5 +1,5 @@
 """Does "different" in report.md mean what a 95% interval means? Reports of two identical methods are
-simulated and compared by evaluate.paired_differences itself; the share of "different" calls must be near 5%
+simulated and compared by reports.paired_differences itself; the share of "different" calls must be near 5%
 with 2, 3 and 6 seeds, whatever the training noise. `python test_intervals.py` prints the table of
 docs/results.md (the shares, and the power against a method with 20% fewer toxic replies).
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import evaluate
+from harness import reports
 
 KEY = "toxicity_adversarial"
 CONTEXTS, REPLIES = 256, 8
@@ -19,28 +20,28 @@ NOISE = (0.0, 0.15, 0.3, 0.6)
 EFFECT = 0.8  # for the power: the method's rates x 0.8
 
 
-def different_share(n_seeds, sd, reports=1000, effect=1.0, seed=0, contexts=CONTEXTS, replies=REPLIES,
+def different_share(n_seeds, sd, n_reports=1000, effect=1.0, seed=0, contexts=CONTEXTS, replies=REPLIES,
                     beta=(0.5, 3)):
-    """The share of simulated reports in which report.md would call the method different from DPO."""
+    """The share of simulated n_reports in which report.md would call the method different from DPO."""
     rng = np.random.default_rng(seed)
-    rates = rng.beta(*beta, size=(reports, 1, contexts))
+    rates = rng.beta(*beta, size=(n_reports, 1, contexts))
 
-    def toxic_counts(rate):  # (reports, seeds, contexts)
-        noise = np.exp(rng.normal(0.0, sd, size=(reports, n_seeds, 1)))
+    def toxic_counts(rate):  # (n_reports, seeds, contexts)
+        noise = np.exp(rng.normal(0.0, sd, size=(n_reports, n_seeds, 1)))
         return rng.binomial(replies, np.minimum(rate * noise, 1.0)).astype(float)
 
     dpo, method = toxic_counts(rates), toxic_counts(rates * effect)
     per_context = np.full(contexts, float(replies))
     calls = 0
-    for r in range(reports):
+    for r in range(n_reports):
         runs = {"dpo": [({}, {KEY: (dpo[r, i], per_context)}) for i in range(n_seeds)],
                 "adpo": [({}, {KEY: (method[r, i], per_context)}) for i in range(n_seeds)]}
         report = {name: {KEY: float(sum(u[KEY][0].sum() for _, u in rs) / (replies * contexts * n_seeds))}
                   for name, rs in runs.items()}
-        evaluate.paired_differences(report, runs)
+        reports.paired_differences(report, runs)
         low, high = report["adpo"][f"{KEY}_diff_vs_dpo_ci95"]
         calls += low > 0 or high < 0
-    return calls / reports
+    return calls / n_reports
 
 
 @pytest.mark.parametrize("n_seeds", SEEDS)
@@ -75,7 +76,7 @@ def table():
         rare = dict(contexts=128, replies=4, beta=(0.5, 60))
         rows.append([f"{n}, 128 x 4, rare"] + [f"{different_share(n, sd, **rare):.3f}" for sd in NOISE]
                     + [f"{different_share(n, sd, effect=EFFECT, seed=1, **rare):.3f}" for sd in NOISE])
-    return evaluate.markdown_table(rows)
+    return reports.markdown_table(rows)
 
 
 if __name__ == "__main__":

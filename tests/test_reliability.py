@@ -18,10 +18,10 @@ from harness import artifacts
 from harness import checks
 import data
 import sample
-from tools import sweep
+from tools import chat, sweep
 import train
 from harness.artifacts import Run
-from conftest import RUN
+from conftest import RUN, get_settings
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -116,7 +116,7 @@ def test_sampling_chunks_are_computed_once_per_fingerprint(tmp_path):
         calls.append(1)
         return {"logps": np.array([-1.5, -0.25]), "reply": ["hi", [5, 1], True]}
 
-    s = train.get_settings(["--preset=tiny", f"--out_dir={tmp_path}"])
+    s = get_settings(["--preset=tiny", f"--out_dir={tmp_path}"])
 
     def run(fingerprint):  # a command whose report.json has this fingerprint
         r = Run(s)
@@ -336,7 +336,7 @@ def test_bad_inputs_stop_with_one_line_and_change_nothing(finished, tmp_path, mo
     broken_files(finished, folder)
     before = snapshot(folder)
     cases = [(train.main, [*RUN, f"--out_dir={folder}/run", *args], expected) for args, expected in BAD_TRAIN]
-    cases += [(sample.main, [f"--checkpoint={finished}/sft.pt", *args], expected) for args, expected in BAD_SAMPLE]
+    cases += [(chat.main, [f"--checkpoint={finished}/sft.pt", *args], expected) for args, expected in BAD_SAMPLE]
     for main, argv, expected in cases:
         argv = [a.replace("{d}", folder) for a in argv]
         message = cli_error(main, argv, monkeypatch)

@@ -20,7 +20,7 @@ from harness import codedeps
 import data
 from tools import sweep
 import train
-from conftest import RUN, SOURCE_FOLDERS, copy_source
+from conftest import RUN, SOURCE_FOLDERS, copy_source, get_settings
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -36,7 +36,7 @@ AFTER_TRIPLETS = TRIPLETS + EVALS + POLICIES + REPORT  # triplets feed the polic
 
 
 def fingerprints(losses=("dpo", "adpo")):
-    s = train.get_settings(["--preset=tiny"])
+    s = get_settings(["--preset=tiny"])
     conversations = [data.Conversation("1", ["hi", "hello"], [False, False], "sft")]
     return artifacts.fingerprints(s, conversations, list(losses), [s.seed], train.CODE)
 
@@ -70,7 +70,7 @@ EDITS = {
     "data.train_tokenizer": ("data", "initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)",
                              "initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, "
                              "min_frequency=3)", EVERYTHING),
-    "distributed.micro_batches": ("distributed", "    total = max(int((y != -1).sum()), 1)\n",
+    "distributed.micro_batches": ("harness.distributed", "    total = max(int((y != -1).sum()), 1)\n",
                                   "    total = max(int((y != -1).sum()), 2)\n", AFTER_SFT),
     # a method, reached through the class a cached function builds
     "evaluate.IndexedWords.__contains__": ("evaluate", "or any(entry == word for entry in self.always)",
@@ -80,10 +80,10 @@ EDITS = {
     "evaluate.wordlist": ("evaluate", "    judge = Profanity()", "    judge = Profanity(['darn'])",
                           EVALS + REPORT),
     # a table of functions, read by the report only
-    "evaluate.TRANSFORMS": ("evaluate", 'TRANSFORMS = {"val_ppl": math.exp}',
+    "reports.TRANSFORMS": ("harness.reports", 'TRANSFORMS = {"val_ppl": math.exp}',
                             'TRANSFORMS = {"val_ppl": lambda x: math.exp(x)}', REPORT),
     # a module constant used only as a default argument
-    "evaluate.COMPARED_KEYS": ("evaluate", 'COMPARED_KEYS = ["toxicity_adversarial", ',
+    "reports.COMPARED_KEYS": ("harness.reports", 'COMPARED_KEYS = ["toxicity_adversarial", ',
                                'COMPARED_KEYS = ["toxicity_normal", "toxicity_adversarial", ', REPORT),
     # a module constant the evaluation reads
     "evaluate.EVASIONS": ("evaluate", "EVASIONS = (", "EVASIONS = ('no comment', ", EVALS + REPORT),
@@ -116,7 +116,8 @@ def test_a_helper_that_only_main_calls_counts_for_every_artifact(monkeypatch):
     path = codedeps.module_file("train")
     real = codedeps.read_source
     helper = "\n\ndef subset(conversations):\n    return conversations[:{}]\n\n\ndef main(argv):"
-    call = ("    conversations = load_corpus(s)\n", "    conversations = subset(load_corpus(s))\n")
+    line = "    s, conversations, run = harness.start(argv, Settings(), PRESETS, CODE)\n"
+    call = (line, line + "    conversations = subset(conversations)\n")
 
     def edited(n):
         return real(path).replace("\n\ndef main(argv):", helper.format(n)).replace(*call)
@@ -132,7 +133,7 @@ def test_a_pretrained_folder_counts_by_content_not_path(tmp_path):
     conversations = [data.Conversation("1", ["hi", "hello"], [False, False], "sft")]
 
     def tokenizer_fp(folder):
-        s = train.get_settings(["--preset=tiny", f"--init_from={folder}"])
+        s = get_settings(["--preset=tiny", f"--init_from={folder}"])
         return artifacts.fingerprints(s, conversations, ["dpo"], [s.seed], train.CODE)["tokenizer.json"]
     for folder in ("a", "b"):
         os.makedirs(tmp_path / folder)
@@ -179,7 +180,7 @@ def test_a_loss_registered_as_a_lambda_or_a_partial_is_followed(monkeypatch, reg
     mine = sorted(["mine.pt", "eval_mine.json", "report.json"])
     if registered == "lambda":  # an edit of the lambda's own line
         old = "policy_chosen_logps) * " + "1.5"  # written apart, so that it occurs once in this file
-        assert stale_after(monkeypatch, "test_staleness", old, old.replace("1.5", "2.5"), losses) == mine
+        assert stale_after(monkeypatch, "tests.test_staleness", old, old.replace("1.5", "2.5"), losses) == mine
     else:  # an edit of the function it binds, and another keyword
         assert stale_after(monkeypatch, "adpo", "    return -F.logsigmoid(beta * (h_w - h_l) - gamma * h_t)",
                        "    return -F.logsigmoid(beta * (h_w - h_l) - 2 * gamma * h_t)",
@@ -195,21 +196,22 @@ def test_the_walk_follows_every_kind_of_reference():
     reached = {key.rsplit(":", 1)[0] for key in codedeps.reached(*train.CODE["eval"],
                                                                 exclude=artifacts.SHARED_EXCLUDES)}
     for piece in ("sample:sample_replies", "sample:prompt_ids", "evaluate:wordlist", "evaluate:IndexedWords",
-                  "evaluate:EVASIONS", "adpo:token_logps", "checks:load_checkpoint", "file"):
+                  "evaluate:EVASIONS", "adpo:token_logps", "file"):
         assert piece in reached
     assert not {"adpo:dpo_loss", "adpo:adpo_loss", "adpo:LOSSES"} & reached  # the losses count on their own
-    report = {key.rsplit(":", 1)[0] for key in codedeps.reached(*train.CODE["report.json"])}
-    assert {"evaluate:TRANSFORMS", "evaluate:COMPARED_KEYS", "evaluate:token_logratios"} <= report
+    report = {key.rsplit(":", 1)[0] for key in codedeps.reached(*train.CODE["report.json"],
+                                                                *artifacts.OWN_CODE["report.json"])}
+    assert {"harness.reports:TRANSFORMS", "harness.reports:COMPARED_KEYS", "evaluate:token_logratios"} <= report
 
 
 def test_the_sweeps_cache_keys_hold_the_code_that_computes_them(monkeypatch):
     """A cached sweep point or stress run is computed again when the code that computes it changed: here the
-    interval code (evaluate.summarize), which the grid's goal test reads, and the stress run's val_ppl."""
+    interval code (reports.summarize), which the grid's goal test reads, and the stress run's val_ppl."""
     def keys():
         return (sweep.sweep_code(sweep.grid_sweep, sweep.run_point, sweep.preference_inputs),
                 sweep.sweep_code(sweep.stress_sweep, sweep.stress_run, sweep.preference_inputs))
     grid_code, stress_code = keys()
-    plant(monkeypatch, codedeps.module_file("evaluate"), "def summarize(runs):\n",
+    plant(monkeypatch, codedeps.module_file("harness.reports"), "def summarize(runs):\n",
           "def summarize(runs):\n    runs = list(runs)\n")
     assert keys()[0] != grid_code and keys()[1] == stress_code
     plant(monkeypatch, codedeps.module_file("evaluate"), "    return math.exp(-logps.sum() / tokens.sum())",
@@ -220,11 +222,11 @@ def test_the_sweeps_cache_keys_hold_the_code_that_computes_them(monkeypatch):
           "def eval_sets(s, conversations, split=\"eval\"):\n    conversations = conversations[:100]\n")
     assert keys()[0] != grid_code and keys()[1] != stress_code
     grid_code, stress_code = keys()  # the review's case: what stress_sweep hands each run
-    plant(monkeypatch, codedeps.module_file("sweep"), 'stress_run(ps, loss, seed, enc, ref, sets["human"], tok, run)',
-          'stress_run(ps, loss, seed, enc, ref, sets["human"][:10], tok, run)')
+    plant(monkeypatch, codedeps.module_file("tools.sweep"), 'stress_run(ps, loss, seed, enc, ref, sets["human"], sft_model, tok, run)',
+          'stress_run(ps, loss, seed, enc, ref, sets["human"][:10], sft_model, tok, run)')
     assert keys()[1] != stress_code
     grid_code, stress_code = keys()  # and what sweep.main hands them
-    plant(monkeypatch, codedeps.module_file("sweep"), 'sets = evaluate.eval_sets(s, conversations, "dev")',
+    plant(monkeypatch, codedeps.module_file("tools.sweep"), 'sets = evaluate.eval_sets(s, conversations, "dev")',
           'sets = evaluate.eval_sets(s, conversations[:100], "dev")')
     assert keys()[0] != grid_code and keys()[1] != stress_code
 

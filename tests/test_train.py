@@ -14,10 +14,11 @@ import pytest
 from harness import checks
 import data
 import evaluate
+from harness import reports
 from tools import sweep
 import train
 from harness.configurator import ConfigError
-from conftest import copy_source
+from conftest import copy_source, get_settings
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 LN2 = math.log(2)
@@ -48,16 +49,16 @@ def snapshot(folder):
 def test_tiny_pipeline_writes_all_reports(tiny_run):
     report = json.load(open(os.path.join(tiny_run, "report.json")))
     for section in ("sft", "dpo", "adpo"):
-        for key in evaluate.SECTION_KEYS:
+        for key in reports.SECTION_KEYS:
             assert math.isfinite(report[section][key]), (section, key)
         assert 0 <= report[section]["truncated_share"] <= 1 and report[section]["eot_logprob_after_chosen"] < 0
         low, high = report[section]["toxicity_adversarial_ci95"]
         assert low <= report[section]["toxicity_adversarial"] <= high
     assert report["triplets"]["n"] > 0 and 0 <= report["triplets"]["rejected_toxic_share"] <= 1
     for section in ("dpo", "adpo"):
-        for key in evaluate.STABILITY_KEYS:
+        for key in reports.STABILITY_KEYS:
             assert key in report[section] or (section, key) == ("dpo", "toxic_grad_share")
-    for key in evaluate.SFT_KEYS:
+    for key in reports.SFT_KEYS:
         assert key in report["sft"]
     for name in ("sft.pt", "dpo.pt", "adpo.pt", "tokenizer.json", "report.md", "curves.png",
                  "metrics_dpo.jsonl", "metrics_adpo.jsonl"):
@@ -169,13 +170,13 @@ def test_bad_data_and_missing_files_overwrite_nothing(tiny_run, tmp_path):
 
 
 def test_settings_overrides_are_typed():
-    s = train.get_settings(["--preset=tiny", "--beta=0.5", "--top_k=none", "--bias=false", "--stages=sft"])
+    s = get_settings(["--preset=tiny", "--beta=0.5", "--top_k=none", "--bias=false", "--stages=sft"])
     assert s.beta == 0.5 and s.top_k is None and s.bias is False and s.n_embd == 64
-    assert train.get_settings(["--preset=tiny", "--top_k=40"]).top_k == 40
+    assert get_settings(["--preset=tiny", "--top_k=40"]).top_k == 40
     with pytest.raises(ConfigError, match="expected --key=value"):
-        train.get_settings(["beta=1"])
+        get_settings(["beta=1"])
     with pytest.raises(ConfigError, match="unknown stage 'dpo'"):
-        train.get_settings(["--stages=sft,dpo"])
+        get_settings(["--stages=sft,dpo"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def test_sweep_on_the_tiny_preset(tiny_run, tmp_path):
 
 
 def test_grid_points_run_dpo_once_and_drop_axes_a_loss_does_not_take():
-    s = train.get_settings(["--preset=tiny"])
+    s = get_settings(["--preset=tiny"])
     points = sweep.grid_points(s, sweep.parse_grid("loss=dpo,adpo gamma=0.1,0.3"))
     assert points == [{"loss": "dpo"}, {"gamma": "0.1", "loss": "adpo"}, {"gamma": "0.3", "loss": "adpo"}]
     assert sweep.grid_points(s, sweep.parse_grid("loss=adpo"))[0] == {"loss": "dpo"}  # the baseline added
@@ -266,4 +267,4 @@ def test_stress_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     again = subprocess.run(relative, capture_output=True, text=True, cwd=HERE, timeout=600)  # the same run
     assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 8, again.stdout[-2000:]
     with pytest.raises(ConfigError, match="--stress needs --seeds of at least 2"):
-        sweep.main(args[2:-2] + ["--seeds=1"])
+        sweep.main(args[3:-2] + ["--seeds=1"])

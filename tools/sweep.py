@@ -36,6 +36,7 @@ from harness import codedeps
 from harness import checks
 import data
 import evaluate
+from harness import reports
 import train
 from harness.artifacts import Run, checkpoint_name, eval_name, write_text
 from harness.checks import load_checkpoint
@@ -98,8 +99,7 @@ def preference_inputs(ps, sft_model, tok, run, cache):
     """The encoded triplets this point trains on and their reference log-probs, computed once per
     min_judge_gap (the only setting a sweep may vary that changes them)."""
     if ps.min_judge_gap not in cache:
-        _, enc = data.preference_data(tok, checks.read_triplets(run.path("triplets.jsonl")), ps.min_judge_gap,
-                                      sft_model.config.block_size, ps.max_new_tokens)
+        _, enc = checks.load_triplets(run.path("triplets.jsonl"), tok, ps, sft_model.config.block_size)
         cache[ps.min_judge_gap] = (enc, train.reference_logps(ps, sft_model, enc))
     return cache[ps.min_judge_gap]
 
@@ -112,14 +112,13 @@ def run_point(s, point, sft_model, tok, sets, seeds, run, cache):
     runs = []
     name = label(point).replace(" ", "_")
     for seed in seeds:
-        policy, metrics = train.train_preference(ps, ps.loss, run.path("sft.pt"), enc, ref, seed, run,
-                                                 ps.loss)
+        policy, metrics = train.train_preference(ps, ps.loss, sft_model, enc, ref, seed, run.hooks(ps.loss))
         write_text(run.path(f"sweep/metrics_{name}_seed{seed}.jsonl"),
                    "".join(json.dumps(r) + "\n" for r in metrics))
         stats = {**train.final_pass(ps, policy, enc, ref), **evaluate.stability(metrics)}
         r, _, units = evaluate.evaluate(ps, policy, sft_model, tok, sets, seed, label(point), enc, run.sample)
         runs.append(({**r, **stats}, units))
-    return {"label": label(point), "overrides": point, "n_triplets": len(enc), **evaluate.summarize(runs)}
+    return {"label": label(point), "overrides": point, "n_triplets": len(enc), **reports.summarize(runs)}
 
 
 def artifact_settings(s):
@@ -170,7 +169,7 @@ def sweep_table(result):
         cells += [f"{p[k]:.2f}" if k in p else "" for k in ("final_accuracy", "toxic_grad_share")]
         cells.append("" if p["label"] == "sft" else ("yes" if meets_goal(p, sft, dpo) else "no"))
         rows.append(cells)
-    return evaluate.markdown_table(rows)
+    return reports.markdown_table(rows)
 
 
 def plot_tradeoff(path, result):
@@ -219,11 +218,11 @@ def stress_label(point):
     return " ".join(f"{k}={v}" for k, v in point.items()) or "unstressed"
 
 
-def stress_run(ps, loss, seed, enc, ref, human, tok, run):
+def stress_run(ps, loss, seed, enc, ref, human, sft_model, tok, run):
     """One training run: its per-step metrics, their stability numbers and val_ppl. A run that a non-finite
     loss stopped is kept as broken."""
     try:
-        policy, metrics = train.train_preference(ps, loss, run.path("sft.pt"), enc, ref, seed, run, loss)
+        policy, metrics = train.train_preference(ps, loss, sft_model, enc, ref, seed, run.hooks(loss))
     except checks.RunError as e:
         return {"broken": str(e), "metrics": []}
     return {"val_ppl": evaluate.val_ppl(policy, tok, human, ps.sample_batch_size, ps.device),
@@ -311,7 +310,7 @@ def stress_table(rows):
                       "[{:.2f}, {:.2f}]".format(*r["unstable_share_ci95"]),
                       *(str(c[k]) for k in ("degenerate", "spiking", "collapsing", "broken")),
                       num(r["val_ppl_ratio_median"]), num(r["chosen_logp_max_drop_median"]), r["vs_dpo"]])
-    return evaluate.markdown_table(table)
+    return reports.markdown_table(table)
 
 
 def plot_stress_curves(path, points, losses, runs):
@@ -373,7 +372,7 @@ def stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, s
                        "settings": artifact_settings(ps),
                        "code": sweep_code(stress_sweep, stress_run, preference_inputs)}
                 r = cached(out(f"sweep/{name}.json"), key,
-                           lambda: stress_run(ps, loss, seed, enc, ref, sets["human"], tok, run), name)
+                           lambda: stress_run(ps, loss, seed, enc, ref, sets["human"], sft_model, tok, run), name)
                 runs[(stress_label(point), loss)].append(r)
                 print(f"stress: {stress_label(point)}, {loss}, seed {seed}: " +
                       (r["broken"] if "broken" in r else
@@ -425,7 +424,7 @@ def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs,
             r, _, units = evaluate.evaluate(s, sft_model, sft_model, tok, sets, seed, "sft",
                                             sample=run.sample)
             runs.append((r, units))
-        return evaluate.summarize(runs)
+        return reports.summarize(runs)
 
     result = {"split": "dev", "seeds": seeds, "grid": grid, "inputs": inputs,
               "settings": dataclasses.asdict(s), "sft": cached_point("sft", s, sft_section), "points": []}
@@ -461,7 +460,7 @@ def main(argv):
     grid = ours.get("--grid") or DEFAULT_GRID
     stress = (ours.get("--stress") or DEFAULT_STRESS) if "--stress" in ours else None
     argv = [a for a in argv if a.split("=", 1)[0] not in ours]
-    s = train.get_settings(argv)
+    s = checks.get_settings(argv, train.Settings(), train.PRESETS)
     if stress is not None:
         if s.seeds < 2:
             raise ConfigError("--stress needs --seeds of at least 2 (the protocol: 6): an unstable share "
@@ -471,7 +470,7 @@ def main(argv):
     else:
         for point in grid_points(s, parse_grid(grid)):  # every point's settings are checked before anything
             checks.check_settings(apply_overrides(s, point))
-    conversations = train.load_corpus(s)
+    conversations = checks.load_corpus(s)
     seeds = [s.seed + i for i in range(s.seeds)]
     # sft.pt and triplets.jsonl must be there and fresh, as for train.py --stages=pref
     run = Run(s, argv, conversations, [], seeds, train.CODE, ["pref"])
