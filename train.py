@@ -315,7 +315,7 @@ def train_preference(s, loss_name, sft_model, enc, ref, seed, hooks=None):
     """The policy trained from the SFT model with loss `loss_name` on the encoded triplets (ref: their
     reference_logps), and its per-step metrics. hooks: as train_sft's."""
     hooks = hooks or OneProcess()
-    # a copy without dropout, whatever the SFT used: the policy's log-probs must equal the reference's at step 0
+    # a copy without dropout, whatever SFT used: the policy's log-probs must equal the reference's at step 0
     policy = GPT(dataclasses.replace(sft_model.config, dropout=0.0)).to(s.device)
     policy.load_state_dict(sft_model.state_dict())
     policy.train()
@@ -323,7 +323,7 @@ def train_preference(s, loss_name, sft_model, enc, ref, seed, hooks=None):
                                   weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)  # the same data order for every loss
     hyper = {"beta": s.beta, "gamma": s.gamma, "eps": s.eps}
-    _, start, state = hooks.start(policy, optimizer, generator)  # machinery: a killed run goes on where it was
+    _, start, state = hooks.start(policy, optimizer, generator)  # machinery: a killed run goes on
     order = state.get("order", [])  # the data position
     metrics = state.get("metrics", [])
     bar = tqdm(range(start, s.pref_iters), desc=loss_name, unit="step", initial=start, total=s.pref_iters,
@@ -402,7 +402,7 @@ class OneProcess:
         return model, 0, {}  # the model to run, the step to start from, the loop's saved state
 
     def end_step(self, step, loss, model, optimizer, generator, **state):
-        pass  # harness.loop.Hooks: stop on a non-finite loss; every --checkpoint_interval steps a resume state
+        pass  # harness.loop.Hooks: stop on a non-finite loss; a resume state every few steps
 
     def micro_batches(self, model, x, y, grad_accum):
         """grad_accum pieces of the batch, each weighted by its share of the batch's target tokens."""

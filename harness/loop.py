@@ -1,9 +1,9 @@
 """
-What the machinery adds to a training loop (train.train_sft, train.train_preference): the loop calls these hooks
-and nothing else of the machinery. train.OneProcess is the same hooks for one process that keeps nothing.
+What the machinery adds to a training loop (train.train_sft, train.train_preference): the loop calls these
+hooks and nothing else of the machinery. train.OneProcess: the same hooks for one process that keeps nothing.
 
-- start: the model compiled with --compile and wrapped for DDP under torchrun (SFT), and, when the same command
-  was killed, the state its last resume state saved (weights, optimizer, step, random states, data order).
+- start: the model compiled with --compile and wrapped for DDP under torchrun (SFT), and, when the same
+  command was killed, what its last resume state saved (weights, optimizer, step, random states, data order).
 - end_step: a non-finite loss stops the run; every --checkpoint_interval steps a resume state NAME.resume.pt.
 - the torchrun helpers (distributed.py): each process's part of a batch, gradients and metrics over processes.
 """

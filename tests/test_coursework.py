@@ -15,7 +15,9 @@ import data
 import train
 from harness.artifacts import Run
 from model import GPT, GPTConfig
-from sample import fit_history, load_checkpoint, sample_replies, shown
+from harness.checks import load_checkpoint
+from sample import sample_replies
+from tools.chat import fit_history, shown
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 

@@ -1,43 +1,71 @@
-"""The shape of the code: the modules import each other in layers, without cycles, and the files a reader starts
-with (model, data, adpo, sample, evaluate) hold none of the run machinery (fingerprints, chunks, resume, ranks).
-Read from the source with ast and tokenize; nothing is imported or run."""
+"""The shape of the code, read from the source with ast (nothing is imported or run): imports only go down and
+never in a circle; the reading path (model, data, adpo, sample, evaluate, train) stands without the machinery
+package (harness/) and the tools (tools/); in train.py only main() touches the machinery, and the method
+functions take plain arguments; and the sizes the project promises."""
 
 import ast
+import glob
 import os
-import re
-import tokenize
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
-# lowest first: a module may import only the modules before it; the tools (sweep, bench, check_loss) come last
-LAYERS = ["codedeps", "configurator", "model", "data", "adpo", "distributed", "checks", "sample", "evaluate", "artifacts",
-          "train", "sweep", "bench", "check_loss", "export"]
-READING_PATH = ["model.py", "data.py", "adpo.py", "sample.py", "evaluate.py"]
-MACHINERY = re.compile(r"fingerprint|chunk|resume|rank|world_size", re.IGNORECASE)
-ADPO_MAX_LINES = 200
-README_MAX_LINES = 250  # README LENGTH: the README.md assertion is the last one in this file
+READING_PATH = ["model", "data", "adpo", "sample", "evaluate", "train"]  # the paper's files, in layer order
+MACHINERY, TOOLS = "harness", "tools"
+# the method's functions: models, tensors, settings and at most one callback; never a Run, a path, a
+# checkpoint name or a fingerprint
+METHOD_FUNCTIONS = {"train": ["make_tokenizer", "train_sft", "build_triplets", "reference_logps", "policy_logps",
+                              "train_preference", "final_pass", "evaluate_policy"],
+                    "evaluate": ["eval_sets", "evaluate", "evaluate_sft_control", "token_logratios", "stability",
+                                 "gradient_by_reply"]}
+NOT_PLAIN = {"run", "path", "out_dir", "sft_path", "checkpoint", "ckpt", "fingerprint", "fp"}
+CALLBACKS = {"hooks", "sample_replies", "sample", "loss_of"}
+# the scripts whose `python NAME.py` runs a tool: only in their __main__ block, and only by runpy
+COMMAND_LINES = {"sample": "tools.chat", "adpo": "tools.check_loss"}
+LIMITS = {"top-level entries": 16, "top-level .py files": 8, "reading path lines": 1800, "adpo.py lines": 200,
+          "README.md lines": 250, "columns": 110}
 
 
-def is_test(name):
-    return name.startswith("test_") or name == "conftest"
+def modules():
+    """{module name: path} of every project module: the top-level scripts and the packages' files."""
+    found = {}
+    for path in glob.glob(os.path.join(HERE, "*.py")) + glob.glob(os.path.join(HERE, "*", "*.py")):
+        relative = os.path.relpath(path, HERE)[:-3].split(os.sep)
+        if relative[0] in ("tests", "out") or relative[-1] == "conftest" or relative[-1].startswith("test_"):
+            continue
+        found[".".join(relative[:-1] if relative[-1] == "__init__" else relative)] = path
+    return found
 
 
-def top_level_names():
-    """The names of the top-level .py files, tests included (a module importing a test is caught too)."""
-    return {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")}
+def parse(path):
+    with open(path, encoding="utf-8") as f:
+        return ast.parse(f.read())
 
 
-def project_imports(module, names):
-    """The project modules `module` imports, anywhere in it: at the top, inside functions, under if."""
-    with open(os.path.join(HERE, f"{module}.py"), encoding="utf-8") as f:
-        tree = ast.parse(f.read())
+def imports(tree, names):
+    """The project modules a tree imports, anywhere (top, functions, try), with the line of each: for
+    `from package import module`, the module."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(a.name.split(".")[0] for a in node.names)
+            targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found & names - {module}
+            targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module
+                       for a in node.names]
+        else:
+            continue
+        found |= {(t, node.lineno) for t in targets if t in names}
+    return found
+
+
+def layer(module):
+    """Lower first: the reading path in its order, then the machinery, then train.py, then the tools."""
+    if module.startswith(TOOLS):
+        return len(READING_PATH) + 2
+    if module == "train":
+        return len(READING_PATH) + 1
+    if module.split(".")[0] == MACHINERY:
+        return len(READING_PATH)
+    return READING_PATH.index(module)
 
 
 def find_cycle(graph):
@@ -60,34 +88,99 @@ def find_cycle(graph):
     return None
 
 
-def test_no_import_cycles_and_each_module_imports_only_lower_layers():
-    names = top_level_names()
-    modules = sorted(n for n in names if not is_test(n))
-    assert sorted(LAYERS) == modules, "every top-level module has a place in LAYERS, and only those"
-    graph = {m: project_imports(m, names) for m in modules}
+def layer_violations(found=None):
+    """Every import that goes up a layer, and one import cycle if there is one."""
+    found = found or modules()
+    graph = {m: {t for t, _ in imports(parse(p), found) if t != m} for m, p in found.items()}
+    problems = [f"{m} imports {t}" for m, targets in graph.items() for t in sorted(targets) if layer(t) > layer(m)]
     cycle = find_cycle(graph)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle)
-    upward = [f"{m} imports {i}" for m in LAYERS for i in sorted(graph[m])
-              if i not in LAYERS or LAYERS.index(i) > LAYERS.index(m)]
-    assert not upward, f"imports of a module not below in {LAYERS}: {upward}"
+    return problems + (["import cycle: " + " -> ".join(cycle)] if cycle else [])
 
 
-def line_count(name):
-    with open(os.path.join(HERE, name), encoding="utf-8") as f:
-        return len(f.read().splitlines())
+def test_imports_go_down_without_cycles():
+    found = modules()
+    assert set(READING_PATH) <= set(found) and any(m.startswith(MACHINERY + ".") for m in found)
+    assert not layer_violations(found)
 
 
-def test_reading_path_holds_no_machinery_and_stays_short():
-    found = []
-    for name in READING_PATH:
-        with open(os.path.join(HERE, name), "rb") as f:
-            found += [f"{name}:{t.start[0]}: {t.string}" for t in tokenize.tokenize(f.readline)
-                      if t.type == tokenize.NAME and MACHINERY.search(t.string)]
-    assert not found, f"identifiers of the run machinery in the reading path: {found}"
-    with open(os.path.join(HERE, "train.py"), encoding="utf-8") as f:
-        functions = {n.name for n in ast.parse(f.read()).body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    assert "build_triplets" in functions, "train.py defines build_triplets"
-    assert line_count("adpo.py") <= ADPO_MAX_LINES, f"adpo.py has {line_count('adpo.py')} lines"
-    # README LENGTH: README.md at most README_MAX_LINES lines
-    assert line_count("README.md") <= README_MAX_LINES, \
-        f"README LENGTH: README.md has {line_count('README.md')} lines, at most {README_MAX_LINES}"
+def machinery_touches(tree, found):
+    """(statement, line) of train.py's top-level code that names or imports the machinery or the tools: a
+    function or class by its name."""
+    touched = []
+    for node in tree.body:
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        names |= {t.split(".")[0] for t, _ in imports(node, found)}
+        if {MACHINERY, TOOLS} & names:
+            touched.append((getattr(node, "name", type(node).__name__), node.lineno))
+    return touched
+
+
+def is_main_block(node):
+    return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+
+
+def test_only_train_main_touches_the_machinery_and_the_reading_path_imports_none_of_it():
+    found = modules()
+    for module in READING_PATH[:-1]:
+        tree = parse(found[module])
+        outside = {t for t, _ in imports(tree, found) if t.split(".")[0] in (MACHINERY, TOOLS)}
+        assert not outside, f"{module}.py imports {outside}"
+        runs = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                and n.value.startswith(TOOLS + ".")]
+        in_main = [n for stmt in tree.body if is_main_block(stmt) for n in ast.walk(stmt)]
+        assert all(n in in_main for n in runs), f"{module}.py runs a tool outside its __main__ block"
+        assert [n.value for n in runs] == ([COMMAND_LINES[module]] if module in COMMAND_LINES else [])
+    tree = parse(found["train"])
+    touches = [where for where, _ in machinery_touches(tree, found)]
+    assert touches == ["Import", "main", "If"], touches  # `import harness`, main(), `if __name__ == ...`
+
+
+def test_method_functions_take_plain_arguments():
+    found = modules()
+    for module, names in METHOD_FUNCTIONS.items():
+        functions = {n.name: n for n in parse(found[module]).body if isinstance(n, ast.FunctionDef)}
+        for name in names:
+            args = [a.arg for a in functions[name].args.args + functions[name].args.kwonlyargs]
+            assert not NOT_PLAIN & set(args), f"{module}.{name} takes {NOT_PLAIN & set(args)}"
+            assert len(CALLBACKS & set(args)) <= 1, f"{module}.{name} takes callbacks {CALLBACKS & set(args)}"
+
+
+def test_nothing_imports_the_tools():
+    found = modules()
+    for module, path in found.items():
+        if not module.startswith(TOOLS):
+            assert not {t for t, _ in imports(parse(path), found) if t.startswith(TOOLS)}, module
+
+
+def test_a_planted_violation_fails(tmp_path):
+    """The rules above catch what they name: an upward import, a cycle, train.py helpers touching harness."""
+    found = modules()
+    planted = tmp_path / "data.py"
+    planted.write_text(open(found["data"]).read() + "\nfrom harness import checks\n")
+    assert "data imports harness.checks" in layer_violations({**found, "data": str(planted)})
+    planted.write_text(open(found["model"]).read() + "\nimport adpo\n")
+    assert any("cycle" in p or "model imports adpo" in p for p in layer_violations({**found, "model": str(planted)}))
+    tree = parse(found["train"])
+    tree.body.append(ast.parse("def helper(s):\n    return harness.start(s)\n").body[0])
+    assert "helper" in [w for w, _ in machinery_touches(tree, found)]
+
+
+def sizes():
+    top = [e for e in os.listdir(HERE) if not e.startswith(".") and e not in ("out", "__pycache__")
+           and not e.endswith((".egg-info",))]
+    git_top = os.popen(f"git -C {HERE} ls-files").read().split()
+    tracked = {p.split("/")[0] for p in git_top} or set(top)
+    widest = max((len(line.rstrip("\n")), p) for p in modules().values() for line in open(p, encoding="utf-8"))
+    return {"top-level entries": len([e for e in tracked if not e.startswith(".")]),
+            "top-level .py files": len([e for e in tracked if e.endswith(".py")]),
+            "reading path lines": sum(len(open(os.path.join(HERE, f"{m}.py")).read().splitlines())
+                                      for m in READING_PATH),
+            "adpo.py lines": len(open(os.path.join(HERE, "adpo.py")).read().splitlines()),
+            "README.md lines": len(open(os.path.join(HERE, "README.md")).read().splitlines()),
+            "columns": widest[0]}, widest[1]
+
+
+def test_the_sizes_the_project_promises():
+    measured, widest_file = sizes()
+    over = {k: f"{v} > {LIMITS[k]}" for k, v in measured.items() if v > LIMITS[k]}
+    assert not over, f"{over} (widest line in {widest_file})"

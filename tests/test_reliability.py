@@ -240,7 +240,7 @@ def test_checkpoint_with_a_pickled_callable_is_refused_and_never_called(finished
     ckpt = torch.load(os.path.join(finished, "sft.pt"), weights_only=True)
     torch.save({**ckpt, "extra": RunsCodeWhenUnpickled(marker)}, path)
     with pytest.raises(checks.RunError, match="refused"):
-        sample.load_checkpoint(path)
+        checks.load_checkpoint(path)
     result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--checkpoint={path}"],
                             capture_output=True, text=True, cwd=HERE)
     assert result.returncode == 1 and result.stderr.startswith(f"error: {path}: refused")

@@ -222,8 +222,8 @@ def test_the_sweeps_cache_keys_hold_the_code_that_computes_them(monkeypatch):
           "def eval_sets(s, conversations, split=\"eval\"):\n    conversations = conversations[:100]\n")
     assert keys()[0] != grid_code and keys()[1] != stress_code
     grid_code, stress_code = keys()  # the review's case: what stress_sweep hands each run
-    plant(monkeypatch, codedeps.module_file("tools.sweep"), 'stress_run(ps, loss, seed, enc, ref, sets["human"], sft_model, tok, run)',
-          'stress_run(ps, loss, seed, enc, ref, sets["human"][:10], sft_model, tok, run)')
+    plant(monkeypatch, codedeps.module_file("tools.sweep"), 'ps, loss, seed, enc, ref, sets["human"], sft_model,',
+          'ps, loss, seed, enc, ref, sets["human"][:10], sft_model,')
     assert keys()[1] != stress_code
     grid_code, stress_code = keys()  # and what sweep.main hands them
     plant(monkeypatch, codedeps.module_file("tools.sweep"), 'sets = evaluate.eval_sets(s, conversations, "dev")',

@@ -371,8 +371,8 @@ def stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, s
                        "inputs": inputs,
                        "settings": artifact_settings(ps),
                        "code": sweep_code(stress_sweep, stress_run, preference_inputs)}
-                r = cached(out(f"sweep/{name}.json"), key,
-                           lambda: stress_run(ps, loss, seed, enc, ref, sets["human"], sft_model, tok, run), name)
+                r = cached(out(f"sweep/{name}.json"), key, lambda: stress_run(
+                    ps, loss, seed, enc, ref, sets["human"], sft_model, tok, run), name)
                 runs[(stress_label(point), loss)].append(r)
                 print(f"stress: {stress_label(point)}, {loss}, seed {seed}: " +
                       (r["broken"] if "broken" in r else
