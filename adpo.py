@@ -10,7 +10,8 @@ with [TOXIC] after x, tox(y|x) = ref(y | x, [TOXIC]). log pi(y|x) sums the reply
 
 Each loss returns per-example losses of shape (B,). A loss names the inputs it needs as parameters; the
 trainer passes exactly those (see call_loss). To add one: write the function, add a line to LOSSES, and run
-`python check_loss.py --check=NAME` (or `python adpo.py --check=NAME`): the properties every loss must have.
+`python adpo.py --check=NAME` (the same as `python -m tools.check_loss --check=NAME`): the properties every
+loss must have.
 """
 
 import inspect

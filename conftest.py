@@ -12,6 +12,7 @@ import torch
 import data
 import train
 from harness import checks
+import model as model_module
 from model import GPT, GPTConfig
 
 
@@ -84,6 +85,22 @@ def tiny_triplets(tok):
                                rejected=("hello there", True), toxic=("i am fine", True))] * 4
     s = train.Settings(block_size=48, max_new_tokens=16, pref_batch_size=8, device="cpu")
     return s, data.encode_triplets(tok, triplets, s.block_size, s.max_new_tokens)
+
+
+def generate_with_logits(model, *args, **kwargs):
+    """model.generate(*args, **kwargs), and the (B, steps, vocab) logits each step sampled from."""
+    seen = []
+    real = model_module.sample_next
+
+    def recording(logits, *a, **k):
+        seen.append(logits.clone())
+        return real(logits, *a, **k)
+    model_module.sample_next = recording
+    try:
+        out = model.generate(*args, **kwargs)
+    finally:
+        model_module.sample_next = real
+    return out, torch.stack(seen, dim=1)
 
 
 def loop_logp(model, prompt, ids):

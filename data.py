@@ -28,7 +28,12 @@ PAD_ID, EOT_ID, TOXIC_ID, ENDOFTEXT_ID = 0, 1, 2, 3
 SPLITS = ("sft", "pref", "dev", "eval")
 
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """What the user can fix (settings, data, files, a run's state): the commands print its message as one
+    line, `error: ...`, and exit with status 1. Every such error derives from it."""
+
+
+class DataError(UserError):
     """Bad input data; the message names the file and line."""
 
 

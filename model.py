@@ -220,9 +220,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
-                 use_cache=True, pad_token=0, generator=None, return_logits=False):
+                 use_cache=True, pad_token=0, generator=None):
         """Up to max_new_tokens ids sampled after each prompt of idx (a (B, T) tensor, or B id lists of any
-        lengths), as B lists; with return_logits also the (B, steps, vocab) logits each step sampled from."""
+        lengths), as B lists."""
         prompts = idx.tolist() if torch.is_tensor(idx) else [list(p) for p in idx]
         assert all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
         device = self.lm_head.weight.device
@@ -248,7 +248,6 @@ class GPT(nn.Module):
         kv_cache = KVCache(self.config, B, total) if use_cache else None
         finished = [False] * B
         out = [[] for _ in range(B)]
-        step_logits = []
         for t in range(P, total):
             if use_cache:
                 start = 0 if kv_cache.pos == 0 else t - 1  # first step: the whole prompt; then one token
@@ -259,8 +258,6 @@ class GPT(nn.Module):
                 logits = self._forward_sampling(tokens[:, :t], positions[:, :t], mask[:, :, :t, :t],
                                                 last_only=True)
             logits = logits[:, -1, :].float()  # (B, vocab)
-            if return_logits:
-                step_logits.append(logits)
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             tokens[:, t] = next_token
             for b, token in enumerate(next_token.tolist()):  # one transfer per step, not one per row
@@ -269,8 +266,6 @@ class GPT(nn.Module):
                     finished[b] = token == stop_token
             if all(finished):
                 break
-        if return_logits:
-            return out, torch.stack(step_logits, dim=1)
         return out
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -34,12 +35,13 @@ import data
 from harness import distributed
 import sample
 from harness import checks, reports
+from data import UserError
 from harness.checks import STAGES, RunError, check_out_dir, checkpoint_dict, load_checkpoint, read_checkpoint
 from harness.loop import Hooks
 
 # the settings each artifact depends on, besides the artifact it is built from
+CORPUS = ("data", "max_conversations", "toxic_threshold")  # the tokenizer's: they count by the corpus' content
 DEPENDS_ON = {
-    # the tokenizer also depends on the corpus (data, max_conversations, toxic_threshold)
     "tokenizer.json": ("vocab_size",),  # and --init_from's files, by content (file_digests)
     "sft.pt": ("seed", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size",
                "dropout", "bias", "sft_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters",
@@ -592,15 +594,27 @@ RESUMABLE = {}  # the last resume state this process saved of a checkpoint not f
 
 
 def run_main(main):
-    """checks.run_main(main), and Ctrl-C as one line that says where rerunning the same command goes on."""
-    def interruptible(argv):
-        try:
-            main(argv)
-        except KeyboardInterrupt:
-            if RESUMABLE:
-                where = (f"resumes {RESUMABLE['name'].removesuffix('.pt')} at step {RESUMABLE['step']} "
-                         f"({os.path.basename(resume_path(RESUMABLE['name']))})")
-            else:
-                where = "goes on from what is finished"
-            raise RunError(f"interrupted; rerunning the same command {where}") from None
-    checks.run_main(interruptible)
+    """main(sys.argv[1:]) as a command: an int it returns is the exit status (else 0). An error the user
+    caused (settings, data, artifacts, files: data.UserError) ends in one line `error: ...`; Ctrl-C in one
+    line that says where rerunning the same command goes on. A reader of stdout that stops early
+    (`python sample.py | head -1`) ends the command quietly, with exit status 141."""
+    try:
+        status = main(sys.argv[1:])
+        sys.stdout.flush()  # a reader gone during the last write shows here, not in the interpreter's flush
+    except BrokenPipeError:  # an OSError, but normal for a pipe: no message (the Python docs' SIGPIPE recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nothing to fail
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports `yes | head -1`: not all was written, not an error
+    except KeyboardInterrupt:
+        if RESUMABLE:
+            where = (f"resumes {RESUMABLE['name'].removesuffix('.pt')} at step {RESUMABLE['step']} "
+                     f"({os.path.basename(resume_path(RESUMABLE['name']))})")
+        else:
+            where = "goes on from what is finished"
+        sys.exit(f"error: interrupted; rerunning the same command {where}")
+    except (UserError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # an unwritable or full out_dir
+        sys.exit(f"error: {e.filename or ''}: {e.strerror or e}")
+    finally:
+        distributed.teardown()
+    sys.exit(status if isinstance(status, int) else 0)  # a main may return its results to a caller instead

@@ -11,7 +11,6 @@ import math
 import os
 import pickle
 import re
-import sys
 
 import torch
 
@@ -19,15 +18,15 @@ import adpo
 import data
 from harness import distributed
 from harness.configurator import ConfigError, apply_overrides, check_rules, parse_overrides
-from data import EOT_ID, REPLIES, DataError
+from data import EOT_ID, REPLIES, DataError, UserError
 from model import CONV1D, GPT, GPTConfig, read_gpt2_config
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A GPT-2 folder that cannot be loaded: the message is one line for the user."""
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run that cannot go on: a stale, missing, corrupt or refused artifact, or a non-finite loss."""
 
 
@@ -331,11 +330,6 @@ def load_checkpoint(path, device="cpu", dropout=None):
     """(model in eval mode, tokenizer, checkpoint dict) from a file written by train.py, which carries its own
     tokenizer. dropout, when given, replaces the checkpoint's (the preference stage needs 0)."""
     ckpt = read_checkpoint(path, device)
-    if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("tokenizer"), str) \
-            and "tokenizer_json" not in ckpt:
-        raise RunError(f"{path}: written before checkpoints carried their tokenizer; rebuild it with "
-                       f"`python train.py --out_dir={os.path.dirname(path) or '.'}` "
-                       "and the settings it was made with")
     missing = [k for k in ("model", "model_config", "tokenizer_json")
                if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -370,23 +364,3 @@ def check_finite(loss, stage, step):
     if not math.isfinite(value):
         raise RunError(f"{stage} step {step}: the loss is {value}; stopped, out_dir keeps the last good "
                        f"checkpoint (try a lower learning rate)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-def run_main(main):
-    """Run main(argv); an error the user caused (settings, data, artifacts, files) ends in one line. A reader
-    of stdout that stops early (`python sample.py | head -1`) ends the run quietly, with exit code 141."""
-    try:
-        main(sys.argv[1:])
-        sys.stdout.flush()  # a reader gone during the last write shows here, not in the interpreter's flush
-    except BrokenPipeError:  # an OSError, but normal for a pipe: no message (the Python docs' SIGPIPE recipe)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nothing to fail
-        sys.exit(141)  # 128 + SIGPIPE, as a shell reports `yes | head -1`: not all was written, not an error
-    except (ConfigError, DataError, CheckpointError, RunError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # an unwritable or full out_dir
-        sys.exit(f"error: {e.filename or ''}: {e.strerror or e}")
-    finally:
-        distributed.teardown()

@@ -674,14 +674,15 @@ def normalized(x, depth=0):
         pairs = ([normalized(k, depth + 1), normalized(v, depth + 1)] for k, v in x.items())
         return sorted(pairs, key=json.dumps)
     if inspect.ismodule(x):
-        return {"module": x.__name__}
+        return {"module": real_name(x.__name__)}
     if isinstance(x, functools.partial):
         return {"partial": normalized(x.func, depth + 1), "args": normalized(x.args, depth + 1),
                 "keywords": normalized(x.keywords, depth + 1)}
     if inspect.ismethod(x):
         return {"method": normalized(x.__func__, depth + 1), "of": normalized(x.__self__, depth + 1)}
     if inspect.isfunction(x) or inspect.isclass(x) or inspect.isbuiltin(x):
-        return f"{getattr(x, '__module__', '')}.{getattr(x, '__qualname__', repr(x))}"
+        # by the module's importable name: the same whether train.py runs as a script (__main__) or is imported
+        return f"{real_name(getattr(x, '__module__', None) or '')}.{getattr(x, '__qualname__', repr(x))}"
     if hasattr(x, "state_dict") and callable(x.state_dict):  # an nn.Module: its weights
         return {"module": type(x).__qualname__, "state": normalized(dict(x.state_dict()), depth + 1)}
     if hasattr(x, "detach") and hasattr(x, "dtype"):  # a tensor

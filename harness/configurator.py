@@ -10,8 +10,10 @@ import dataclasses
 import math
 import typing
 
+from data import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A bad command line: the message is one line for the user."""
 
 

@@ -80,13 +80,11 @@ def check_batches(batch_size, grad_accum, pref_batch_size):
                           f"windows and --pref_batch_size a multiple of {world}")
 
 
-def split(items, this_rank=None, world=None):
+def split(items):
     """This process's share of a list: contiguous pieces in rank order, the first ones one item longer when
     the list does not divide evenly. gather() of every rank's share is the list again, in its order."""
-    this_rank = rank() if this_rank is None else this_rank
-    world = world_size() if world is None else world
-    n = len(items)
-    return items[this_rank * n // world:(this_rank + 1) * n // world]
+    n, world = len(items), world_size()
+    return items[rank() * n // world:(rank() + 1) * n // world]
 
 
 def gather(items):

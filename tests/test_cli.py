@@ -79,7 +79,7 @@ def test_a_reader_gone_before_the_last_flush_ends_quietly():
     """Output small enough to sit in stdout's buffer until the end: the failed write is the last flush."""
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the script starts
-    code = "from harness import checks; checks.run_main(lambda argv: print('one line'))"
+    code = "import harness; harness.run_main(lambda argv: print('one line'))"
     result = subprocess.run([sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, text=True,
                             cwd=HERE, env=ENV, timeout=120)
     os.close(write_end)

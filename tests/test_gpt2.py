@@ -20,7 +20,7 @@ import train
 from harness.configurator import ConfigError
 from harness.checks import CheckpointError, check_gpt2_folder
 from model import GPT
-from conftest import get_settings
+from conftest import generate_with_logits, get_settings
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 CONFIG = dict(model_type="gpt2", activation_function="gelu_new", layer_norm_epsilon=1e-5, n_layer=2, n_head=2,
@@ -144,8 +144,8 @@ def test_gpt2_reply_is_the_same_with_and_without_the_cache(gpt2_dir):
     replies = {}
     for use_cache in (True, False):
         g = torch.Generator().manual_seed(0)
-        replies[use_cache] = model.generate(prompts, 16, temperature=1.0, use_cache=use_cache, generator=g,
-                                            pad_token=data.PAD_ID, return_logits=True)
+        replies[use_cache] = generate_with_logits(model, prompts, 16, temperature=1.0, use_cache=use_cache,
+                                                  generator=g, pad_token=data.PAD_ID)
     assert replies[True][0] == replies[False][0] and all(len(r) == 16 for r in replies[True][0])
     torch.testing.assert_close(replies[True][1], replies[False][1], rtol=1e-4, atol=1e-4)
 

@@ -60,7 +60,7 @@ def test_rare_toxicity_and_ties_keep_the_5_percent(n_seeds):
 
 def test_a_real_difference_is_found_more_often_with_more_seeds():
     """The power against 20% fewer toxic replies, without training noise: it grows with the seeds."""
-    power = [different_share(n, 0.0, reports=300, effect=EFFECT, seed=1) for n in SEEDS]
+    power = [different_share(n, 0.0, n_reports=300, effect=EFFECT, seed=1) for n in SEEDS]
     assert power[0] < power[1] < power[2] and power[2] > 0.9, power
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model import sample_next
+from conftest import generate_with_logits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -44,8 +45,8 @@ def test_weight_decay_only_on_matrices(tiny_gpt):
 def test_kv_cache_matches_full_forward(tiny_gpt):
     model = tiny_gpt()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths in one batch
-    cached, cached_logits = model.generate(prompts, 10, temperature=0, use_cache=True, return_logits=True)
-    full, full_logits = model.generate(prompts, 10, temperature=0, use_cache=False, return_logits=True)
+    cached, cached_logits = generate_with_logits(model, prompts, 10, temperature=0, use_cache=True)
+    full, full_logits = generate_with_logits(model, prompts, 10, temperature=0, use_cache=False)
     assert cached == full
     assert torch.allclose(cached_logits, full_logits, atol=1e-4)
     # each row is generated as if it were alone: the left padding changes nothing
@@ -53,7 +54,7 @@ def test_kv_cache_matches_full_forward(tiny_gpt):
         assert model.generate([prompt], 10, temperature=0) == [row]
         # and the first step's logits equal the training forward's last position
         logits, _ = model(torch.tensor([prompt]))
-        _, alone_logits = model.generate([prompt], 1, temperature=0, return_logits=True)
+        _, alone_logits = generate_with_logits(model, [prompt], 1, temperature=0)
         assert torch.allclose(logits[0, -1], alone_logits[0, 0], atol=1e-4)
 
 

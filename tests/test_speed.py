@@ -18,6 +18,7 @@ from harness.configurator import ConfigError
 from harness import distributed
 import model as model_module
 from model import GPT, GPTConfig, KVCache
+from conftest import generate_with_logits
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -46,9 +47,14 @@ def test_bench_rejects_bad_settings():
         bench.get_settings(["--stpes=3"])
 
 
-def test_split_and_gather_keep_every_item_once_in_order():
+def test_split_and_gather_keep_every_item_once_in_order(monkeypatch):
     items = list(range(10))
-    shares = [distributed.split(items, r, 3) for r in range(3)]
+    shares = []
+    for r in range(3):  # the share of each of 3 processes
+        monkeypatch.setattr(distributed, "rank", lambda: r)
+        monkeypatch.setattr(distributed, "world_size", lambda: 3)
+        shares.append(distributed.split(items))
+    monkeypatch.undo()
     assert sum(shares, []) == items
     assert sorted(len(x) for x in shares) == [3, 3, 4]
     assert distributed.split(items) == items and distributed.gather(items) == items  # one process: unchanged
@@ -114,9 +120,9 @@ def test_generate_under_bf16_autocast_runs_with_a_bf16_cache():
     it samples from are float32 (top-k and top-p over bf16 logits would tie many tokens)."""
     model = tiny_gpt()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, logits = model.generate([[5, 6, 7], [8]], 6, temperature=0, return_logits=True)
+        out, logits = generate_with_logits(model, [[5, 6, 7], [8]], 6, temperature=0)
     assert [len(r) for r in out] == [6, 6] and logits.dtype == torch.float32
-    _, reference = model.generate([[5, 6, 7], [8]], 1, temperature=0, return_logits=True)
+    _, reference = generate_with_logits(model, [[5, 6, 7], [8]], 1, temperature=0)
     assert torch.allclose(logits[:, 0], reference[:, 0], atol=0.1)  # bf16 rounding, not another model
 
 

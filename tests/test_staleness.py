@@ -18,7 +18,7 @@ import adpo
 from harness import artifacts
 from harness import codedeps
 import data
-from tools import sweep
+from tools import stress, sweep
 import train
 from conftest import RUN, SOURCE_FOLDERS, copy_source, get_settings
 
@@ -208,8 +208,8 @@ def test_the_sweeps_cache_keys_hold_the_code_that_computes_them(monkeypatch):
     """A cached sweep point or stress run is computed again when the code that computes it changed: here the
     interval code (reports.summarize), which the grid's goal test reads, and the stress run's val_ppl."""
     def keys():
-        return (sweep.sweep_code(sweep.grid_sweep, sweep.run_point, sweep.preference_inputs),
-                sweep.sweep_code(sweep.stress_sweep, sweep.stress_run, sweep.preference_inputs))
+        return (sweep.sweep_code(sweep.main, sweep.grid_sweep, sweep.run_point, sweep.preference_inputs),
+                sweep.sweep_code(stress.main, stress.stress_sweep, stress.stress_run, sweep.preference_inputs))
     grid_code, stress_code = keys()
     plant(monkeypatch, codedeps.module_file("harness.reports"), "def summarize(runs):\n",
           "def summarize(runs):\n    runs = list(runs)\n")
@@ -222,10 +222,10 @@ def test_the_sweeps_cache_keys_hold_the_code_that_computes_them(monkeypatch):
           "def eval_sets(s, conversations, split=\"eval\"):\n    conversations = conversations[:100]\n")
     assert keys()[0] != grid_code and keys()[1] != stress_code
     grid_code, stress_code = keys()  # the review's case: what stress_sweep hands each run
-    plant(monkeypatch, codedeps.module_file("tools.sweep"), 'ps, loss, seed, enc, ref, sets["human"], sft_model,',
+    plant(monkeypatch, codedeps.module_file("tools.stress"), 'ps, loss, seed, enc, ref, sets["human"], sft_model,',
           'ps, loss, seed, enc, ref, sets["human"][:10], sft_model,')
     assert keys()[1] != stress_code
-    grid_code, stress_code = keys()  # and what sweep.main hands them
+    grid_code, stress_code = keys()  # and what open_sweep hands them
     plant(monkeypatch, codedeps.module_file("tools.sweep"), 'sets = evaluate.eval_sets(s, conversations, "dev")',
           'sets = evaluate.eval_sets(s, conversations[:100], "dev")')
     assert keys()[0] != grid_code and keys()[1] != stress_code

@@ -15,7 +15,7 @@ from harness import checks
 import data
 import evaluate
 from harness import reports
-from tools import sweep
+from tools import stress, sweep
 import train
 from harness.configurator import ConfigError
 from conftest import copy_source, get_settings
@@ -224,30 +224,30 @@ def stress_result(val_ppl=100.0, spikes=0, drop=0.5):
 
 def test_the_stress_rule_judges_each_loss_against_its_own_unstressed_runs():
     unstressed = [stress_result(100.0, 0, 6.0), stress_result(110.0, 0, 5.0), stress_result(90.0, 0, 6.5)]
-    assert sweep.unstable(stress_result(140.0, 0, 6.0), unstressed) == []  # within 1.5 x the median (100)
-    assert sweep.unstable(stress_result(151.0, 0, 6.0), unstressed) == ["degenerate"]
-    assert sweep.unstable(stress_result(100.0, 1, 6.0), unstressed) == ["spiking"]
-    assert sweep.unstable(stress_result(100.0, 0, 13.9), unstressed) == []  # 2 x 6.5 + 1 = 14 nats
-    assert sweep.unstable(stress_result(100.0, 0, 14.1), unstressed) == ["collapsing"]
-    assert sweep.unstable(stress_result(float("inf")), unstressed) == ["broken"]
-    assert sweep.unstable({"broken": "dpo step 3: the loss is nan", "metrics": []}, unstressed) == ["broken"]
+    assert stress.unstable(stress_result(140.0, 0, 6.0), unstressed) == []  # within 1.5 x the median (100)
+    assert stress.unstable(stress_result(151.0, 0, 6.0), unstressed) == ["degenerate"]
+    assert stress.unstable(stress_result(100.0, 1, 6.0), unstressed) == ["spiking"]
+    assert stress.unstable(stress_result(100.0, 0, 13.9), unstressed) == []  # 2 x 6.5 + 1 = 14 nats
+    assert stress.unstable(stress_result(100.0, 0, 14.1), unstressed) == ["collapsing"]
+    assert stress.unstable(stress_result(float("inf")), unstressed) == ["broken"]
+    assert stress.unstable({"broken": "dpo step 3: the loss is nan", "metrics": []}, unstressed) == ["broken"]
     # DPO's own runs barely move the chosen reply: a 2-nat fall is a collapse for DPO, not for ADPO
-    assert sweep.unstable(stress_result(drop=2.0), [stress_result(drop=0.07)]) == ["collapsing"]
+    assert stress.unstable(stress_result(drop=2.0), [stress_result(drop=0.07)]) == ["collapsing"]
     # Wilson's interval, not the plain one (which is [0, 0] at 0 of 6): 0 of 6 is compatible with up to 39%
-    assert sweep.wilson(0, 6) == pytest.approx([0.0, 0.390], abs=1e-3)
-    assert sweep.wilson(3, 6) == pytest.approx([0.188, 0.812], abs=1e-3)
+    assert stress.wilson(0, 6) == pytest.approx([0.0, 0.390], abs=1e-3)
+    assert stress.wilson(3, 6) == pytest.approx([0.188, 0.812], abs=1e-3)
     # with six seeds 0 of 6 and 5 of 6 separate, 1 of 6 and 4 of 6 do not (docs/stability.md)
-    assert sweep.compare_shares(sweep.wilson(0, 6), sweep.wilson(5, 6)) == "steadier"
-    assert sweep.compare_shares(sweep.wilson(6, 6), sweep.wilson(0, 6)) == "less steady"
-    assert sweep.compare_shares(sweep.wilson(1, 6), sweep.wilson(4, 6)) == "cannot tell"
-    assert sweep.stress_points({"pref_lr": ["2e-4", "8e-4"], "beta": ["0.02"]}) == \
+    assert stress.compare_shares(stress.wilson(0, 6), stress.wilson(5, 6)) == "steadier"
+    assert stress.compare_shares(stress.wilson(6, 6), stress.wilson(0, 6)) == "less steady"
+    assert stress.compare_shares(stress.wilson(1, 6), stress.wilson(4, 6)) == "cannot tell"
+    assert stress.stress_points({"pref_lr": ["2e-4", "8e-4"], "beta": ["0.02"]}) == \
         [{}, {"pref_lr": "2e-4"}, {"pref_lr": "8e-4"}, {"beta": "0.02"}]  # one at a time, not the product
 
 
 def test_stress_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     out_dir = str(tmp_path / "stress")
     shutil.copytree(tiny_run, out_dir)
-    args = [sys.executable, "-m", "tools.sweep", "--preset=tiny", f"--out_dir={out_dir}",
+    args = [sys.executable, "-m", "tools.stress", "--preset=tiny", f"--out_dir={out_dir}",
             "--stress=pref_lr=5e-2", "--seeds=2", "--pref_iters=2"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -267,4 +267,4 @@ def test_stress_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     again = subprocess.run(relative, capture_output=True, text=True, cwd=HERE, timeout=600)  # the same run
     assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 8, again.stdout[-2000:]
     with pytest.raises(ConfigError, match="--stress needs --seeds of at least 2"):
-        sweep.main(args[3:-2] + ["--seeds=1"])
+        stress.main(args[3:-2] + ["--seeds=1"])

@@ -1,9 +1,9 @@
 """
 How fast is it? One command measures, on whatever device is present, and prints the ratios side by side:
 
-    python bench.py                  # on CUDA: the gpu preset's model, 8 layers x 512, block 256, vocab 8192
-    python bench.py --device=cpu     # small shapes, well under a minute
-    python bench.py --steps=50 --out=out/bench_h100.json
+    python -m tools.bench            # on CUDA: the gpu preset's model, 8 layers x 512, block 256, vocab 8192
+    python -m tools.bench --device=cpu  # small shapes, well under a minute
+    python -m tools.bench --steps=50 --out=out/bench_h100.json
 
   sft       training tokens/s and MFU of an SFT step (forward, backward, AdamW), eager and compiled
   sampling  new tokens/s of generate() with and without the KV cache (batch 64, prompt 64, 64 new tokens)
@@ -17,7 +17,6 @@ autocast, as train.py does.
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -25,6 +24,7 @@ import torch
 
 import adpo
 import data
+from harness import run_main
 from harness.configurator import ConfigError, apply_overrides, parse_overrides
 from model import GPT, GPTConfig, autocast, compile_model, peak_flops
 
@@ -234,7 +234,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

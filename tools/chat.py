@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from data import context_ids
-from harness.checks import SAMPLE_RULES, check_device, load_checkpoint, run_main
+from harness import run_main
+from harness.checks import SAMPLE_RULES, check_device, load_checkpoint
 from harness.configurator import ConfigError, apply_overrides, check_rules, parse_overrides
 from sample import sample_replies
 

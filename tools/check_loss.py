@@ -3,7 +3,7 @@ The loss checker: before training a loss for an hour, check the properties every
 have, on numbers small enough to verify by hand. Exit 0 when every check passes, 1 when one fails, 2 for a
 bad command line.
 
-    python check_loss.py --check=adpo      # or --check=all; `python adpo.py --check=NAME` forwards here
+    python -m tools.check_loss --check=adpo   # or --check=all; `python adpo.py --check=NAME` forwards here
 """
 
 import inspect
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 import adpo
+from harness import run_main
 from harness.configurator import apply_overrides, parse_overrides
 
 CHECK_HYPER = {"beta": 0.1, "gamma": 0.1, "eps": 0.1}  # the losses' own defaults (train.py uses gamma 0.03)
@@ -222,4 +223,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_main(main)

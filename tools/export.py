@@ -2,7 +2,7 @@
 A checkpoint as a Hugging Face GPT-2 folder for other tools: config.json, model.safetensors, tokenizer.json,
 generation_config.json and tokenizer_config.json.
 
-    python export.py --checkpoint=out/adpo.pt --out=hf/adpo
+    python -m tools.export --checkpoint=out/adpo.pt --out=hf/adpo
 
 then transformers.GPT2LMHeadModel.from_pretrained("hf/adpo") gives our model's logits on the same ids, and
 generate() stops where our model ends a turn (<|eot|>). GPT.from_gpt2 reads such a folder back
@@ -14,7 +14,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from harness.checks import EXPORT_FILES, CheckpointError, check_export_dir, load_checkpoint, run_main
+from harness import run_main
+from harness.checks import EXPORT_FILES, CheckpointError, check_export_dir, load_checkpoint
 from harness.configurator import apply_overrides, parse_overrides
 from data import ENDOFTEXT, ENDOFTEXT_ID, EOT, EOT_ID, PAD, PAD_ID, TOXIC
 from model import CONV1D

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command: install what the machine lacks, run bench.py, run the gpu preset, print
-# both. Everything it writes goes to out/gpu_check/ (git-ignored).
+# both. Everything it writes goes to out/gpu_check/ (git-ignored; OUT=DIR for another folder).
 #
 #   bash tools/gpu_check.sh                         # one GPU
 #   NPROC=8 bash tools/gpu_check.sh                 # the gpu preset on 8 GPUs with torchrun
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PRESET=${PRESET:-gpu}
 NPROC=${NPROC:-1}
 BENCH_ARGS=${BENCH_ARGS:-}
-OUT=out/gpu_check
+OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
 
 # 1. install: wheel files shipped in wheels/ first (a machine without internet), without their dependencies,

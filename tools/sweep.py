@@ -2,7 +2,7 @@
 A sweep: which setting of the loss family cuts toxicity and keeps coherence?
 
     python train.py --stages=sft,triplets     # once: sft.pt and triplets.jsonl
-    python sweep.py --grid="loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3" --seeds=3
+    python -m tools.sweep --grid="loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3" --seeds=3
 
 Every point of the grid (any preference or evaluation setting of train.py can be an axis) is trained from
 the same sft.pt on the same triplets, and evaluated on the same contexts of the dev split: conversations
@@ -11,44 +11,32 @@ never used for SFT or for triplets, and never the eval split, which is read for 
 sweep.md and tradeoff.png (adversarial toxicity against perplexity, one point per setting, SFT and DPO
 marked) to --out_dir, and each finished point to --out_dir/sweep/, so a rerun of the same sweep skips what
 is done.
-
-    python sweep.py --stress="pref_lr=2e-4,8e-4 beta=0.02 pref_iters=256" --seeds=6  # ADPO steadier than DPO?
-
-The stress test (docs/stability.md): every loss of --loss and DPO, unstressed and under each stress on its own
-(not their product), every seed; a run computes only its per-step metrics and val_ppl on the dev split, and is
-called unstable by a rule that judges each loss against its own unstressed runs. Writes stress.json, stress.md
-and stress_curves.png.
 """
 
 import dataclasses
 import inspect
 import itertools
 import json
-import math
 import os
 import time
 
-import numpy as np
 
 import adpo
 from harness import artifacts
 from harness import codedeps
 from harness import checks
-import data
 import evaluate
 from harness import reports
 import train
-from harness.artifacts import Run, checkpoint_name, eval_name, write_text
-from harness.checks import load_checkpoint
+from harness import run_main
+from harness.artifacts import Run, eval_name, write_text
 from harness.configurator import ConfigError, apply_overrides
 
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
-# settings that shape sft.pt or the triplets: a sweep reuses those, so it cannot vary them
-FIXED = {"preset", "out_dir", "stages", "seed", "device", "data", "max_conversations", "toxic_threshold",
-         "vocab_size", "init_from", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd",
-         "block_size", "dropout", "bias", "sft_iters", "batch_size", "learning_rate", "min_lr",
-         "warmup_iters", "weight_decay", "grad_clip", "eval_interval", "eval_iters", "pref_contexts",
-         "num_candidates", "toxic_retries", "seeds", "max_new_tokens"}
+# what a sweep cannot vary: what shapes sft.pt or the triplets, which it reuses (the fingerprints' table), and
+# what changes nothing it computes (--loss aside: the loss is an axis)
+FIXED = {*artifacts.CORPUS, *(k for name in ("tokenizer.json", "sft.pt", "triplets.jsonl")
+                              for k in artifacts.DEPENDS_ON[name]), *artifacts.CHANGE_NO_ARTIFACT} - {"loss"}
 LOSS_HYPERPARAMETERS = ("beta", "gamma", "eps")
 GOAL_PPL_RATIO = 1.15  # the goal: toxicity no higher than DPO's, perplexity within 15% of SFT's
 
@@ -62,8 +50,8 @@ def parse_grid(grid):
         if not sep or not values:
             raise ConfigError(f"--grid: expected key=v1,v2,... got {axis!r}")
         if key in FIXED:
-            raise ConfigError(f"--grid cannot vary {key}: it shapes sft.pt or the triplets "
-                              "(or the sweep itself); run train.py once per value instead")
+            raise ConfigError(f"--grid cannot vary {key}: it shapes sft.pt or the triplets, which a sweep "
+                              "reuses, or changes nothing a sweep computes; run train.py once per value instead")
         axes[key] = [v for v in values.split(",") if v]
     return axes
 
@@ -126,13 +114,13 @@ def artifact_settings(s):
     return {k: v for k, v in dataclasses.asdict(s).items() if k not in artifacts.CHANGE_NO_ARTIFACT}
 
 
-def sweep_code(*functions):
+def sweep_code(command, *functions):
     """The code a cached result is computed from: the functions, the evaluation sets they are given, and the
-    text of main() that hands them over."""
+    text of the command's main() and open_sweep, which hand them over."""
     # not the code that computes the key itself (sweep_code, and train.CODE, whose fingerprints are in it)
     code = codedeps.code_of(*functions, evaluate.eval_sets,
                             exclude=artifacts.SHARED_EXCLUDES + (sweep_code, "train.CODE"))
-    return artifacts.digest(code, codedeps.definitions(main))
+    return artifacts.digest(code, codedeps.definitions(command), codedeps.definitions(open_sweep))
 
 
 def cached(path, key, compute, name):
@@ -174,9 +162,7 @@ def sweep_table(result):
 
 def plot_tradeoff(path, result):
     """Adversarial toxicity against perplexity of human replies, 95% intervals as error bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = reports.pyplot()
     sft, points = result["sft"], result["points"]
     fig, ax = plt.subplots(figsize=(8, 6))
     for p in [dict(sft, label="sft")] + points:
@@ -194,210 +180,7 @@ def plot_tradeoff(path, result):
     ax.set_ylabel("toxicity on adversarial contexts (lower: better)")
     ax.set_title(f"the trade-off on the dev split, {len(result['seeds'])} seed(s), 95% intervals; "
                  f"dotted: {GOAL_PPL_RATIO:.2f} x SFT perplexity", fontsize=9)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the stress test (docs/stability.md): where DPO goes wrong, does ADPO go wrong less often?
-
-DEFAULT_STRESS = "pref_lr=2e-4,8e-4 beta=0.02 pref_iters=256"
-DEGENERATE_PPL_RATIO = 1.5  # degenerate: val_ppl over 1.5 x the median of the loss's unstressed runs
-COLLAPSE_FACTOR, COLLAPSE_NATS = 2.0, 1.0  # collapsing: the chosen reply falls over 2 x U's largest fall + 1
-
-
-def stress_points(axes):
-    """The unstressed point, then every value of every axis on its own (not their product)."""
-    return [{}] + [{key: value} for key, values in axes.items() for value in values]
-
-
-def stress_label(point):
-    return " ".join(f"{k}={v}" for k, v in point.items()) or "unstressed"
-
-
-def stress_run(ps, loss, seed, enc, ref, human, sft_model, tok, run):
-    """One training run: its per-step metrics, their stability numbers and val_ppl. A run that a non-finite
-    loss stopped is kept as broken."""
-    try:
-        policy, metrics = train.train_preference(ps, loss, sft_model, enc, ref, seed, run.hooks(loss))
-    except checks.RunError as e:
-        return {"broken": str(e), "metrics": []}
-    return {"val_ppl": evaluate.val_ppl(policy, tok, human, ps.sample_batch_size, ps.device),
-            **evaluate.stability(metrics), "metrics": metrics}
-
-
-def finished(runs):
-    """The runs that ended with a finite loss and val_ppl."""
-    return [r for r in runs if "broken" not in r and math.isfinite(r["val_ppl"])]
-
-
-def unstable(r, unstressed):
-    """The criteria of docs/stability.md that run r meets, judged against its own loss's unstressed runs."""
-    if not finished([r]):
-        return ["broken"]
-    ok = finished(unstressed)
-    if not ok:
-        raise checks.RunError("every unstressed run of a loss broke: there is nothing to judge against")
-    fired = []
-    if r["val_ppl"] > DEGENERATE_PPL_RATIO * np.median([u["val_ppl"] for u in ok]):
-        fired.append("degenerate")
-    if r["loss_spikes"] > max(u["loss_spikes"] for u in ok):
-        fired.append("spiking")
-    largest_fall = max(u["chosen_logp_max_drop"] for u in ok)
-    if r["chosen_logp_max_drop"] > COLLAPSE_FACTOR * largest_fall + COLLAPSE_NATS:
-        fired.append("collapsing")
-    return fired
-
-
-def wilson(k, n, z=1.96):
-    """95% Wilson interval of a share k/n (sound at 0 of n and n of n, where the plain one is not)."""
-    p = k / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, center - half), min(1.0, center + half)]
-
-
-def compare_shares(a, b):
-    """'steadier' where a's interval of the unstable share lies wholly below b's, 'less steady' where wholly
-    above, else 'cannot tell'."""
-    if a[1] < b[0]:
-        return "steadier"
-    return "less steady" if b[1] < a[0] else "cannot tell"
-
-
-def stress_rows(points, losses, runs):
-    """One row per setting and loss: the unstable share with its interval, the criteria, the medians."""
-    rows = []
-    for point in points:
-        for loss in losses:
-            unstressed = runs[("unstressed", loss)]
-            rs = runs[(stress_label(point), loss)]
-            criteria = [unstable(r, unstressed) for r in rs]
-            n_unstable = sum(1 for c in criteria if c)
-            finite = finished(rs)
-            u_ppl = float(np.median([u["val_ppl"] for u in finished(unstressed)]))
-            rows.append({
-                "setting": stress_label(point), "overrides": point, "loss": loss, "unstable": n_unstable,
-                "n": len(rs), "unstable_share": n_unstable / len(rs),
-                "unstable_share_ci95": wilson(n_unstable, len(rs)),
-                "criteria": {c: sum(c in cs for cs in criteria)
-                             for c in ("degenerate", "spiking", "collapsing", "broken")},
-                "val_ppl_ratio_median": float(np.median([r["val_ppl"] / u_ppl for r in finite]))
-                if finite else None,
-                "chosen_logp_max_drop_median": float(np.median([r["chosen_logp_max_drop"] for r in finite]))
-                if finite else None,
-                "runs": [{k: v for k, v in r.items() if k != "metrics"} | {"unstable": c}
-                         for r, c in zip(rs, criteria)]})
-    for row in rows:  # each loss against DPO at the same setting
-        dpo = next(r for r in rows if r["setting"] == row["setting"] and r["loss"] == "dpo")
-        row["vs_dpo"] = "" if row["loss"] == "dpo" else compare_shares(row["unstable_share_ci95"],
-                                                                       dpo["unstable_share_ci95"])
-    return rows
-
-
-def stress_table(rows):
-    head = ["setting", "loss", "unstable", "95% interval", "degenerate", "spiking", "collapsing", "broken",
-            "val_ppl / unstressed", "chosen fall (nats)", "vs DPO"]
-    table = [head]
-    def num(x):
-        return "" if x is None else f"{x:.2f}"
-    for r in rows:
-        c = r["criteria"]
-        table.append([r["setting"], r["loss"], f"{r['unstable']}/{r['n']}",
-                      "[{:.2f}, {:.2f}]".format(*r["unstable_share_ci95"]),
-                      *(str(c[k]) for k in ("degenerate", "spiking", "collapsing", "broken")),
-                      num(r["val_ppl_ratio_median"]), num(r["chosen_logp_max_drop_median"]), r["vs_dpo"]])
-    return reports.markdown_table(table)
-
-
-def plot_stress_curves(path, points, losses, runs):
-    """The loss and log pi - log ref of the chosen reply against step: a row per setting, a line per seed,
-    a colour per loss."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = [("loss", "loss"), ("logratio/chosen", "log pi(y_w|x) - log ref(y_w|x)"),
-            ("logratio/rejected", "log pi(y_l|x) - log ref(y_l|x)")]
-    fig, axes = plt.subplots(len(points), len(keys), figsize=(15, 3.2 * len(points)), squeeze=False)
-    for row, point in zip(axes, points):
-        for ax, (key, title) in zip(row, keys):
-            for i, loss in enumerate(losses):
-                for j, r in enumerate(runs[(stress_label(point), loss)]):
-                    steps = [m["step"] for m in r["metrics"]]
-                    ax.plot(steps, [m[key] for m in r["metrics"]], color=plt.get_cmap("tab10")(i % 10),
-                            linewidth=0.8, alpha=0.7, label=loss if j == 0 else None)
-            ax.set_title(f"{stress_label(point)}: {title}", fontsize=9)
-            ax.set_xlabel("step")
-            if key == "loss":
-                ax.set_yscale("log")
-        row[0].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=70)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def finite_or_none(x):
-    """For JSON: a non-finite number as null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [finite_or_none(v) for v in x]
-    return x
-
-
-def stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, seeds, inputs, t_start):
-    points = stress_points(parse_grid(stress))
-    losses = checks.loss_list(s)
-    out = run.path
-    print(f"stress: {len(points)} settings x {len(losses)} losses x {len(seeds)} seed(s) on the dev split "
-          f"({len(sets['human'])} human replies)")
-    runs, cache = {}, {}
-    for point in points:
-        ps = apply_overrides(s, point)
-        enc, ref = preference_inputs(ps, sft_model, tok, run, cache)
-        for loss in losses:
-            fp = artifacts.fingerprints(ps, conversations, [loss], seeds, train.CODE)
-            runs[(stress_label(point), loss)] = []
-            for seed in seeds:
-                name = f"stress_{stress_label(point).replace(' ', '_')}_{loss}_seed{seed}"
-                key = {"fingerprint": fp[checkpoint_name(loss, seed, ps.seed)], "seed": seed,
-                       "inputs": inputs,
-                       "settings": artifact_settings(ps),
-                       "code": sweep_code(stress_sweep, stress_run, preference_inputs)}
-                r = cached(out(f"sweep/{name}.json"), key, lambda: stress_run(
-                    ps, loss, seed, enc, ref, sets["human"], sft_model, tok, run), name)
-                runs[(stress_label(point), loss)].append(r)
-                print(f"stress: {stress_label(point)}, {loss}, seed {seed}: " +
-                      (r["broken"] if "broken" in r else
-                       f"val_ppl {r['val_ppl']:.1f}, chosen fall {r['chosen_logp_max_drop']:.2f}, "
-                       f"{r['loss_spikes']} spike(s)"))
-    rows = stress_rows(points, losses, runs)
-    wall = time.time() - t_start
-    rule = {"degenerate_ppl_ratio": DEGENERATE_PPL_RATIO, "collapse_factor": COLLAPSE_FACTOR,
-            "collapse_nats": COLLAPSE_NATS, "spike": "a step's loss over 3 x the median of the 20 before it"}
-    write_text(out("stress.json"), json.dumps(finite_or_none(
-        {"split": "dev", "stress": stress, "seeds": seeds, "losses": losses, "rule": rule, "inputs": inputs,
-         "settings": dataclasses.asdict(s), "rows": rows, "wall_time_s": wall}), indent=2) + "\n")
-    table = stress_table(rows)
-    write_text(out("stress.md"),
-               f"# Stress test on the dev split ({s.preset} preset, {len(seeds)} seeds, "
-               f"{wall / 60:.1f} min)\n\n"
-               f"`python sweep.py {command}`\n\n{table}\n\n"
-               "unstable: runs that met a criterion of docs/stability.md, judged against the same loss's "
-               "unstressed runs; 95% Wilson interval. vs DPO: steadier or less steady where the two "
-               "intervals separate, else cannot tell. val_ppl / unstressed and chosen fall: medians over the "
-               "seeds.\n")
-    plot_stress_curves(out("stress_curves.png"), points, losses, runs)
-    print(table)
-    print(f"stress test done in {wall / 60:.1f} min; stress.json, stress.md, stress_curves.png in "
-          f"{s.out_dir}/")
+    reports.save_figure(fig, path, dpi=110)
 
 
 def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs, t_start):
@@ -415,7 +198,7 @@ def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs,
         models = ["sft"] if name == "sft" else [loss]
         key = {"fingerprints": [fp[eval_name(m, seed, settings.seed)] for seed in seeds for m in models],
                "settings": artifact_settings(settings), "seeds": seeds, "inputs": inputs,
-               "code": sweep_code(grid_sweep, run_point, preference_inputs)}
+               "code": sweep_code(main, grid_sweep, run_point, preference_inputs)}
         return cached(out(f"sweep/{name}.json"), key, compute, name)
 
     def sft_section():
@@ -440,7 +223,7 @@ def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs,
     write_text(out("sweep.md"),
                f"# Sweep on the dev split ({s.preset} preset, {len(seeds)} seed(s), "
                f"{result['wall_time_s'] / 60:.1f} min)\n\n"
-               f"`python sweep.py --grid=\"{grid}\" --seeds={s.seeds}`\n\n"
+               f"`python -m tools.sweep --grid=\"{grid}\" --seeds={s.seeds}`\n\n"
                f"{table}\n\n"
                "Intervals: 95% bootstrap over contexts (human replies for val_ppl), seeds pooled. "
                "goal: toxicity_adversarial at most the upper end of DPO's interval "
@@ -451,40 +234,32 @@ def grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs,
           f"in {s.out_dir}/")
 
 
-def main(argv):
-    t_start = time.time()
-    ours = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None
-            for a in argv if a.split("=", 1)[0] in ("--grid", "--stress")}
-    if len(ours) == 2:
-        raise ConfigError("--grid and --stress: one or the other")
-    grid = ours.get("--grid") or DEFAULT_GRID
-    stress = (ours.get("--stress") or DEFAULT_STRESS) if "--stress" in ours else None
-    argv = [a for a in argv if a.split("=", 1)[0] not in ours]
+def open_sweep(argv, points):
+    """What a sweep or a stress test starts from: its settings (every point's checked before anything runs),
+    the corpus, a Run that has checked that sft.pt and triplets.jsonl are there and fresh (as for train.py
+    --stages=pref) and holds out_dir, the SFT model, the dev split's sets and the inputs' digests."""
     s = checks.get_settings(argv, train.Settings(), train.PRESETS)
-    if stress is not None:
-        if s.seeds < 2:
-            raise ConfigError("--stress needs --seeds of at least 2 (the protocol: 6): an unstable share "
-                              "of one run says nothing")
-        for point in stress_points(parse_grid(stress)):
-            checks.check_settings(apply_overrides(s, point))
-    else:
-        for point in grid_points(s, parse_grid(grid)):  # every point's settings are checked before anything
-            checks.check_settings(apply_overrides(s, point))
+    for point in points(s):
+        checks.check_settings(apply_overrides(s, point))
     conversations = checks.load_corpus(s)
     seeds = [s.seed + i for i in range(s.seeds)]
-    # sft.pt and triplets.jsonl must be there and fresh, as for train.py --stages=pref
     run = Run(s, argv, conversations, [], seeds, train.CODE, ["pref"])
-    sft_model, tok, _ = load_checkpoint(run.path("sft.pt"), s.device)
+    sft_model, tok = run.load_sft()
     sets = evaluate.eval_sets(s, conversations, "dev")
     inputs = {name: file_digest(run.path(name)) for name in ("sft.pt", "triplets.jsonl")}
     run.lock_out_dir()
     os.makedirs(run.path("sweep"), exist_ok=True)
-    if stress is not None:
-        command = f"--stress=\"{stress}\" " + " ".join(argv)
-        stress_sweep(s, stress, command, conversations, run, sft_model, tok, sets, seeds, inputs, t_start)
-    else:
-        grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs, t_start)
+    return s, conversations, run, sft_model, tok, sets, seeds, inputs
+
+
+def main(argv):
+    t_start = time.time()
+    grid = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "") or DEFAULT_GRID
+    argv = [a for a in argv if not a.startswith("--grid")]
+    s, conversations, run, sft_model, tok, sets, seeds, inputs = open_sweep(
+        argv, lambda s: grid_points(s, parse_grid(grid)))
+    grid_sweep(s, grid, conversations, run, sft_model, tok, sets, seeds, inputs, t_start)
 
 
 if __name__ == "__main__":
-    artifacts.run_main(main)
+    run_main(main)

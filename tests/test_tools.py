@@ -1,0 +1,80 @@
+"""The commands the documentation gives: every one names a script, module or file that exists, and each tool
+runs its tiny form from the repository root as `python -m tools.NAME` (the sweep and the stress test run in
+test_train.py, export in test_export.py)."""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+DOCS = ["README.md", "EXERCISES.md"] + sorted(os.path.relpath(p, HERE) for p in glob.glob(f"{HERE}/docs/*.md"))
+TOOLS = ["bench", "chat", "check_loss", "export", "stress", "sweep"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def doc_commands():
+    """(file, line, command) for each command the docs show: `python X.py`, `python -m X`, `bash X`."""
+    found = []
+    for name in DOCS:
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                for m in re.finditer(r"(?:python|torchrun [^`]*?|bash)\s+(-m\s+[\w.]+|[\w./-]+\.(?:py|sh))", line):
+                    found.append((name, i, m.group(1)))
+    return found
+
+
+def test_every_command_in_the_docs_names_what_exists():
+    commands = doc_commands()
+    assert len(commands) > 40 and any(c.startswith("-m tools.") for _, _, c in commands)
+    missing = []
+    for name, line, target in commands:
+        if "NAME" in target:  # `python -m tools.NAME`: the placeholder of the README's table
+            continue
+        if target.startswith("-m "):
+            path = os.path.join(HERE, *target[3:].split(".")) + ".py"
+        else:
+            path = os.path.join(HERE, target)
+        if not os.path.isfile(path):
+            missing.append(f"{name}:{line}: {target}")
+    assert not missing, missing
+
+
+def test_every_tool_is_documented():
+    text = "".join(open(os.path.join(HERE, name), encoding="utf-8").read() for name in DOCS)
+    found = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, "tools")) if f.endswith(".py") and f[0] != "_")
+    assert found == TOOLS
+    assert all(f"python -m tools.{tool}" in text or f"tools/{tool}.py" in text for tool in TOOLS)
+
+
+def tool(*args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=HERE, env=ENV,
+                          timeout=timeout, **kwargs)
+
+
+def test_the_tools_run_their_tiny_form(finished, tmp_path):
+    checked = tool("tools.check_loss", "--check=dpo")
+    assert checked.returncode == 0 and "0 failed" in checked.stdout, checked.stdout + checked.stderr
+    bench = tool("tools.bench", "--device=cpu", "--steps=1", "--warmup=1", f"--out={tmp_path}/bench.json")
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert json.load(open(tmp_path / "bench.json"))["pref"]
+    chat = tool("tools.chat", f"--checkpoint={finished}/sft.pt", "--prompt=hi there", "--num_samples=2",
+                "--max_new_tokens=4")
+    assert chat.returncode == 0 and chat.stdout.count("  > ") == 2, chat.stderr[-2000:]
+    bad = tool("tools.chat", "--nope=1")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: unknown setting")
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/bash"), reason="bash")
+def test_the_gpu_check_script_runs_on_a_cpu(tmp_path):
+    """tools/gpu_check.sh as its own comment says it runs on a CPU: the bench, then the tiny preset."""
+    env = {**ENV, "PRESET": "tiny", "BENCH_ARGS": "--device=cpu --steps=1 --warmup=1", "OUT": str(tmp_path)}
+    result = subprocess.run(["bash", "tools/gpu_check.sh"], capture_output=True, text=True, cwd=HERE, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "the tiny preset on 1 process(es)" in result.stdout and "exit status 0" in result.stdout
+    assert os.path.isfile(tmp_path / "run" / "report.json")
