@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import data
+import model as model_module
 import train
 from harness import checks
-import model as model_module
 from model import GPT, GPTConfig
-
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the repository root
 SOURCE_FOLDERS = ("harness", "tools")  # the packages beside the top-level scripts

@@ -113,16 +113,6 @@ def load_corpus(raw=None, toxic_threshold=0.5, max_conversations=0):
     return conversations
 
 
-def summary(conversations):
-    """One line: how many conversations in each split, turns, and toxic turns."""
-    counts = {sp: sum(c.split == sp for c in conversations) for sp in SPLITS}
-    n_toxic = sum(sum(c.toxic) for c in conversations)
-    n_turns = sum(len(c.turns) for c in conversations)
-    return (f"corpus: {len(conversations):,} conversations ("
-            + ", ".join(f"{counts[sp]:,} {sp}" for sp in SPLITS)
-            + f"), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # tokenizer: byte-level BPE, with the four special tokens as single ids that plain text can never produce
 
@@ -326,24 +316,6 @@ def select_triplets(triplets, min_judge_gap):
     if not kept:
         raise DataError(f"no triplet has p_rejected - p_chosen >= {min_judge_gap}; lower --min_judge_gap")
     return kept
-
-
-def describe_triplets(triplets, toxic_threshold):
-    """One line: how often the judge calls the rejected and the toxic replies toxic."""
-    stats = triplet_stats(triplets, toxic_threshold)
-    return (f"the judge calls {stats['rejected_toxic_share']:.0%} of the rejected and "
-            f"{stats['toxic_toxic_share']:.0%} of the toxic replies toxic")
-
-
-def triplet_stats(triplets, toxic_threshold):
-    """What the preference data holds: how many triplets, how often the rejected (and the toxic) reply is
-    toxic by the judge, the mean judge gap, and how often each reply ended by itself."""
-    share = lambda values: float(np.mean(values))  # noqa: E731
-    return {"n": len(triplets),
-            "rejected_toxic_share": share([t["p_rejected"] >= toxic_threshold for t in triplets]),
-            "toxic_toxic_share": share([t["p_toxic"] >= toxic_threshold for t in triplets]),
-            "mean_judge_gap": share([t["p_rejected"] - t["p_chosen"] for t in triplets]),
-            **{f"{r}_finished_share": share([t[f"{r}_finished"] for t in triplets]) for r in REPLIES}}
 
 
 def encode_triplets(tok, triplets, block_size, max_new_tokens):

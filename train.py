@@ -15,7 +15,6 @@ The whole ADPO pipeline: the paper's four steps, in order.
 """
 
 import dataclasses
-import functools
 import math
 import random
 import time
@@ -32,6 +31,7 @@ import evaluate
 import harness
 import sample
 from model import GPT, GPTConfig, autocast
+
 
 @dataclass
 class Settings:
@@ -382,11 +382,11 @@ def final_pass(s, policy, enc, ref):
 def evaluate_policy(s, name, policy, metrics, sft_model, tok, sets, seed, enc, ref,
                     sample_replies=sample.sample_replies):
     """A trained policy's evaluation (evaluate.evaluate), how its training went (its per-step metrics), and,
-    with triplets, the final pass over them (ref: a function that gives their reference_logps)."""
+    with triplets, the final pass over them (ref: their reference_logps)."""
     r, replies, units = evaluate.evaluate(s, policy, sft_model, tok, sets, seed, name, enc, sample_replies)
     r.update(evaluate.stability(metrics))
     if enc is not None:
-        r.update(final_pass(s, policy, enc, ref()))
+        r.update(final_pass(s, policy, enc, ref))
     return r, replies, units
 
 
@@ -454,12 +454,12 @@ def main(argv):
     if run.todo("triplets.jsonl"):
         triplets = build_triplets(s, sft_model, tok, conversations, run.sampler("triplets.jsonl"))
         run.save_triplets(triplets)
-    triplets, enc = run.triplets(tok, sft_model)  # read back, encoded for scoring (none: [], None)
-    ref = functools.cache(lambda: reference_logps(s, sft_model, enc))  # computed once, if needed
+    triplets, enc = run.triplets(tok, sft_model)  # read back and encoded, when a step to do reads them
+    ref = reference_logps(s, sft_model, enc) if enc is not None else None  # once: no reference network kept
 
     # 3. DPO and ADPO from the same SFT model, on the same triplets: the loss is the only difference
     for loss, seed in run.to_train():
-        policy, metrics = train_preference(s, loss, sft_model, enc, ref(), seed, run.hooks(loss, seed))
+        policy, metrics = train_preference(s, loss, sft_model, enc, ref, seed, run.hooks(loss, seed))
         run.save_policy(loss, seed, policy, tok, metrics)
 
     # 4. evaluation: SFT, SFT with [TOXIC], DPO and ADPO on the same held-out contexts, with the same seeds

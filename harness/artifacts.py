@@ -13,7 +13,7 @@ or handed a file from someone else; none of these may give a wrong result.
   fingerprints.json only after that, so a file killed half-way is never taken for a finished one.
 - Resume: SFT and each preference run save NAME.resume.pt every --checkpoint_interval steps (weights,
   optimizer, step, the RNG states and the data order); the same command, rerun, continues from there. The
-  sampling stages keep each finished piece (a sampling call, a model's evaluation) in NAME.chunks.json.
+  sampling stages keep each finished piece (a sampling call in NAME.chunks/, a model's evaluation) (kept).
 - torchrun: only rank 0 writes; sampling splits the rows over the processes and gathers the replies.
 """
 
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -30,17 +31,15 @@ import numpy as np
 import torch
 
 import adpo
-from harness import codedeps
 import data
-from harness import distributed
 import sample
-from harness import checks, reports
 from data import UserError
+from harness import checks, codedeps, distributed, reports
 from harness.checks import STAGES, RunError, check_out_dir, checkpoint_dict, load_checkpoint, read_checkpoint
 from harness.loop import Hooks
 
 # the settings each artifact depends on, besides the artifact it is built from
-CORPUS = ("data", "max_conversations", "toxic_threshold")  # the tokenizer's: they count by the corpus' content
+CORPUS = ("data", "max_conversations", "toxic_threshold")  # the tokenizer's, counted by the corpus' content
 DEPENDS_ON = {
     "tokenizer.json": ("vocab_size",),  # and --init_from's files, by content (file_digests)
     "sft.pt": ("seed", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size",
@@ -225,8 +224,8 @@ def write_text(path, text, fingerprint=None):
         atomic_write(path, text)
         if fingerprint is not None:
             record(path, fingerprint)
-            if os.path.exists(chunks_path(path)):
-                os.remove(chunks_path(path))  # the pieces of a finished stage
+            if os.path.isdir(chunks_path(path)):
+                shutil.rmtree(chunks_path(path))  # the pieces of a finished stage
     distributed.barrier()
 
 
@@ -243,7 +242,31 @@ def resume_path(path):
 
 
 def chunks_path(path):
-    return os.path.splitext(path)[0] + ".chunks.json"
+    return os.path.splitext(path)[0] + ".chunks"
+
+
+def kept(path, key, compute, decode=lambda value: value, fingerprint=None, strict=True):
+    """The one cache of every result kept between runs (a model's evaluation, a sampling call of a stage, a
+    sweep's point): decode(the value saved at path) when it was saved under the same key, else
+    decode(compute()), saved there first as {"key": key, "value": ...}. Both ways the value is read back from
+    JSON, so a result reused and one just computed are the very same numbers. fingerprint: path is an
+    artifact, recorded as finished; strict: no nan or inf (not JSON)."""
+    if key is None or saved_key(path) != json.loads(json.dumps(key)):  # as JSON reads it back
+        # numpy arrays and torch tensors as lists
+        text = json.dumps({"key": key, "value": compute()}, default=lambda x: x.tolist(),
+                          allow_nan=not strict)
+        write_text(path, text + "\n", fingerprint)
+    with open(path, encoding="utf-8") as f:
+        return decode(json.load(f)["value"])
+
+
+def saved_key(path):
+    """The key the result at path was kept under (kept), or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,7 +314,7 @@ class Run:
             self.fp = fingerprints(s, conversations, losses, seeds, code or {}, self.evaluated)
             check_inputs(s.out_dir, self.fp, stages, argv)
         self.stage_seconds = {}
-        self._chunks = {}
+        self._chunks = set()  # the artifacts whose kept pieces this run has looked at
         self._stage = None  # (the stage being made, when it started)
         self._curves = {}  # loss -> per-step metrics of the first seed, for curves.png
         self._evaluations = {}  # (model, seed) -> its evaluation
@@ -369,7 +392,7 @@ class Run:
         self.write("triplets.jsonl", jsonl(triplets))
         self._stage_done()
         print(f"triplets: {len(triplets)} written to {self.path('triplets.jsonl')}; "
-              + data.describe_triplets(triplets, self.s.toxic_threshold))
+              + reports.describe_triplets(triplets, self.s.toxic_threshold))
 
     def triplets(self, tok, sft_model):
         """triplets.jsonl read back and encoded (checks.load_triplets) when a step still to do reads it and it
@@ -432,7 +455,8 @@ class Run:
         if self._stage is None:
             self._stage = ("eval", time.time())
         name = eval_name(model, seed, self.s.seed)
-        self._evaluations[model, seed] = self.kept(name, compute, reports.results_from_json)
+        self._evaluations[model, seed] = kept(self.path(name), self.fp.get(name), compute,
+                                              reports.results_from_json, self.fp.get(name))
 
     def report(self, sets, triplets, logratios):
         """report.json (written last: it marks the stage finished), report.md and samples.json from the
@@ -495,24 +519,19 @@ class Run:
         return [replies[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
 
     def once(self, name, key, compute, decode=lambda value: value):
-        """decode(compute()), computed only if no earlier run of the same fingerprint of artifact `name`
-        saved it under key in NAME.chunks.json. Both ways the value is read back from JSON, so a resumed stage
-        and an uninterrupted one compute with the very same numbers."""
-        if name not in self._chunks:
-            saved, path = {}, chunks_path(self.path(name))
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    stored = json.load(f)
-                saved = stored["chunks"] if stored.get("fingerprint") == self.fp[name] else {}
-                print(f"{os.path.basename(path)}: resumed after {len(saved)} finished chunk(s)")
-            self._chunks[name] = saved
-        saved = self._chunks[name]
-        if key not in saved:
-            # numpy arrays and torch tensors -> lists
-            saved[key] = json.loads(json.dumps(compute(), default=lambda x: x.tolist()))
-            write_text(chunks_path(self.path(name)),
-                       json.dumps({"fingerprint": self.fp[name], "chunks": saved}))
-        return decode(saved[key])
+        """decode(compute()) of piece `key` of the stage that makes artifact `name`, kept (in NAME.chunks/,
+        under the artifact's fingerprint) until the artifact is finished: a killed stage resumes after its
+        last finished piece."""
+        folder = chunks_path(self.path(name))
+        if name not in self._chunks and os.path.isdir(folder):
+            keys = [saved_key(os.path.join(folder, f)) or [None] for f in os.listdir(folder)]
+            done = sum(k[0] == self.fp[name] for k in keys)
+            print(f"{os.path.basename(folder)}: resumed after {done} finished chunk(s)")
+        self._chunks.add(name)
+        if distributed.is_main():
+            os.makedirs(folder, exist_ok=True)  # a file a piece, so a kill leaves the finished ones whole
+        return kept(os.path.join(folder, f"{digest(key)}.json"), [self.fp[name], key], compute, decode,
+                    strict=False)
 
     def lock_out_dir(self):
         """out_dir created and held by this run (an flock, which even kill -9 releases): a second run started
@@ -527,16 +546,6 @@ class Run:
             holder = lock_holder(self.path(".lock"))
             raise RunError(f"{self.s.out_dir} is in use by another run (process {holder}); wait for it to "
                            f"end or use another --out_dir") from None
-
-    def kept(self, name, compute, decode=lambda value: value):
-        """decode(the JSON in out_dir/name) when it is fresh, else decode(compute()) written there first, so a
-        value read back later and one just computed are the very same numbers."""
-        if not self.fresh(name):
-            # numpy and torch values as lists; no nan (not JSON)
-            value = json.dumps(compute(), default=lambda x: x.tolist(), allow_nan=False)
-            self.write(name, value + "\n")
-        with open(self.path(name), encoding="utf-8") as f:
-            return decode(json.load(f))
 
     def sampler(self, name):
         """A function like sample.sample_replies whose calls are kept in name's chunks: a killed stage resumes
@@ -579,7 +588,7 @@ def start(argv, defaults, presets, code):
     s = dataclasses.replace(s, device=distributed.setup(s.device))  # under torchrun: join the processes
     stages = checks.stage_list(s)
     conversations = checks.load_corpus(s)
-    print(data.summary(conversations))
+    print(reports.summary(conversations))
     # the DPO baseline and the method(s); each seed trains and evaluates again
     run = Run(s, argv, conversations, checks.loss_list(s), [s.seed + i for i in range(s.seeds)], code, stages)
     checks.check_inputs(s, stages, conversations, run.path("triplets.jsonl"))

@@ -16,9 +16,9 @@ import torch
 
 import adpo
 import data
+from data import EOT_ID, REPLIES, DataError, UserError
 from harness import distributed
 from harness.configurator import ConfigError, apply_overrides, check_rules, parse_overrides
-from data import EOT_ID, REPLIES, DataError, UserError
 from model import CONV1D, GPT, GPTConfig, read_gpt2_config
 
 

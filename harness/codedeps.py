@@ -681,7 +681,7 @@ def normalized(x, depth=0):
     if inspect.ismethod(x):
         return {"method": normalized(x.__func__, depth + 1), "of": normalized(x.__self__, depth + 1)}
     if inspect.isfunction(x) or inspect.isclass(x) or inspect.isbuiltin(x):
-        # by the module's importable name: the same whether train.py runs as a script (__main__) or is imported
+        # by the module's importable name: the same when train.py runs as a script (__main__) or is imported
         return f"{real_name(getattr(x, '__module__', None) or '')}.{getattr(x, '__qualname__', repr(x))}"
     if hasattr(x, "state_dict") and callable(x.state_dict):  # an nn.Module: its weights
         return {"module": type(x).__qualname__, "state": normalized(dict(x.state_dict()), depth + 1)}

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-import data
+from data import REPLIES, SPLITS
 from evaluate import GROUPS, REPLY_ROWS, ratio
 from sample import as_replies
 
@@ -44,6 +44,38 @@ def results_from_json(value):
     # no units in evaluate_sft_control's results
     units = [{key: tuple(np.asarray(x) for x in pair) for key, pair in u.items()} for u in units]
     return (metrics, replies, *units)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the data holds, in one line or a few numbers
+
+
+def summary(conversations):
+    """One line: how many conversations in each split, turns, and toxic turns."""
+    counts = {sp: sum(c.split == sp for c in conversations) for sp in SPLITS}
+    n_toxic = sum(sum(c.toxic) for c in conversations)
+    n_turns = sum(len(c.turns) for c in conversations)
+    return (f"corpus: {len(conversations):,} conversations ("
+            + ", ".join(f"{counts[sp]:,} {sp}" for sp in SPLITS)
+            + f"), {n_turns:,} turns, {n_toxic:,} toxic ({100 * n_toxic / n_turns:.1f}%)")
+
+
+def describe_triplets(triplets, toxic_threshold):
+    """One line: how often the judge calls the rejected and the toxic replies toxic."""
+    stats = triplet_stats(triplets, toxic_threshold)
+    return (f"the judge calls {stats['rejected_toxic_share']:.0%} of the rejected and "
+            f"{stats['toxic_toxic_share']:.0%} of the toxic replies toxic")
+
+
+def triplet_stats(triplets, toxic_threshold):
+    """What the preference data holds: how many triplets, how often the rejected (and the toxic) reply is
+    toxic by the judge, the mean judge gap, and how often each reply ended by itself."""
+    share = lambda values: float(np.mean(values))  # noqa: E731
+    return {"n": len(triplets),
+            "rejected_toxic_share": share([t["p_rejected"] >= toxic_threshold for t in triplets]),
+            "toxic_toxic_share": share([t["p_toxic"] >= toxic_threshold for t in triplets]),
+            "mean_judge_gap": share([t["p_rejected"] - t["p_chosen"] for t in triplets]),
+            **{f"{r}_finished_share": share([t[f"{r}_finished"] for t in triplets]) for r in REPLIES}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,7 +361,7 @@ def report_files(s, runs, sets, samples, triplets, logratios, stage_seconds, wal
     report = {name: summarize(section_runs) for name, section_runs in runs.items()}
     paired_differences(report, runs)
     report["seeds"] = {"values": [s.seed + i for i in range(s.seeds)], "vary": SEEDS_VARY}
-    report["triplets"] = data.triplet_stats(triplets, s.toxic_threshold) if triplets else {}
+    report["triplets"] = triplet_stats(triplets, s.toxic_threshold) if triplets else {}
     report["token_logratios"] = logratios
     report["settings"] = dataclasses.asdict(s)
     report["wall_time_s"] = wall_time_s

@@ -12,10 +12,10 @@ import torch
 
 import data
 import train
+from conftest import get_settings
 from harness.artifacts import Run
 from harness.configurator import ConfigError
 from model import GPT, GPTConfig
-from conftest import get_settings
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 # stdout buffered, as a user's is (PYTHONUNBUFFERED would make every print a write of its own)

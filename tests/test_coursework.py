@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import adpo
-from tools import check_loss
 import data
 import train
 from harness.artifacts import Run
-from model import GPT, GPTConfig
 from harness.checks import load_checkpoint
+from model import GPT, GPTConfig
 from sample import sample_replies
+from tools import check_loss
 from tools.chat import fit_history, shown
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root

@@ -16,11 +16,10 @@ import torch
 
 import data
 import evaluate
-from harness import reports
 import train
-from harness import artifacts
-from harness.checks import RunError
 from conftest import RUN, get_settings
+from harness import artifacts, reports
+from harness.checks import RunError
 from sample import Reply
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root

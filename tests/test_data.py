@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from harness import checks
 import data
 import evaluate
 import train
+from conftest import get_settings
+from harness import checks, reports
 from harness.artifacts import Run
 from sample import prompt_ids
-from conftest import get_settings
-
 
 # ----------------------------------------------------------------------------------------------------------
 # the tokenizer and its special tokens
@@ -205,7 +204,7 @@ def test_judge_gap_keeps_the_clear_pairs_and_stats_describe_them():
     assert data.select_triplets(triplets, 0.5) == triplets[1:]
     with pytest.raises(data.DataError, match="min_judge_gap"):
         data.select_triplets(triplets, 0.99)
-    stats = data.triplet_stats(triplets, 0.5)
+    stats = reports.triplet_stats(triplets, 0.5)
     assert stats["n"] == 3 and stats["rejected_toxic_share"] == pytest.approx(2 / 3)
     assert stats["toxic_toxic_share"] == pytest.approx(2 / 3) and stats["chosen_finished_share"] == pytest.approx(2 / 3)
     assert stats["mean_judge_gap"] == pytest.approx((0.01 + 0.55 + 0.85) / 3)

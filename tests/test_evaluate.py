@@ -11,9 +11,8 @@ import torch
 import adpo
 import data
 import evaluate
-from harness import reports
 import train
-
+from harness import reports
 
 # ----------------------------------------------------------------------------------------------------------
 # the metrics

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import data
-from tools import export
 import train
 from harness.artifacts import Run
 from harness.checks import EXPORT_FILES, check_gpt2_folder
 from harness.configurator import ConfigError
 from model import GPT, GPTConfig
+from tools import export
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 BLOCK_SIZE = 32

@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 
 import data
 import evaluate
-from harness import reports
 import train
-from harness.configurator import ConfigError
-from harness.checks import CheckpointError, check_gpt2_folder
-from model import GPT
 from conftest import generate_with_logits, get_settings
+from harness import reports
+from harness.checks import CheckpointError, check_gpt2_folder
+from harness.configurator import ConfigError
+from model import GPT
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 CONFIG = dict(model_type="gpt2", activation_function="gelu_new", layer_norm_epsilon=1e-5, n_layer=2, n_head=2,

@@ -69,9 +69,9 @@ def table():
     rows = [["seeds"] + [f"sd {sd}: identical methods called different" for sd in NOISE]
             + [f"sd {sd}: power, 20% fewer" for sd in NOISE]]
     for n in (1,) + SEEDS:
-        reports = 300 if n == 1 else 1000
-        rows.append([str(n)] + [f"{different_share(n, sd, reports):.3f}" for sd in NOISE]
-                    + [f"{different_share(n, sd, reports, effect=EFFECT, seed=1):.3f}" for sd in NOISE])
+        n_reports = 300 if n == 1 else 1000
+        rows.append([str(n)] + [f"{different_share(n, sd, n_reports):.3f}" for sd in NOISE]
+                    + [f"{different_share(n, sd, n_reports, effect=EFFECT, seed=1):.3f}" for sd in NOISE])
     for n in SEEDS:  # the cpu preset's size, toxicity near 1%
         rare = dict(contexts=128, replies=4, beta=(0.5, 60))
         rows.append([f"{n}, 128 x 4, rare"] + [f"{different_share(n, sd, **rare):.3f}" for sd in NOISE]

@@ -143,6 +143,14 @@ def test_method_functions_take_plain_arguments():
             args = [a.arg for a in functions[name].args.args + functions[name].args.kwonlyargs]
             assert not NOT_PLAIN & set(args), f"{module}.{name} takes {NOT_PLAIN & set(args)}"
             assert len(CALLBACKS & set(args)) <= 1, f"{module}.{name} takes callbacks {CALLBACKS & set(args)}"
+            assert not file_access(functions[name]), f"{module}.{name} reads or writes files"
+
+
+def file_access(function):
+    """The calls in a function's body that read or write files: open, os.*, torch.save/load, json.dump/load."""
+    calls = [ast.unparse(n.func) for n in ast.walk(function) if isinstance(n, ast.Call)]
+    return [c for c in calls if c in ("open", "torch.save", "torch.load", "json.dump", "json.load")
+            or c.startswith(("os.", "shutil."))]
 
 
 def test_nothing_imports_the_tools():

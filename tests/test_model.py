@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from model import sample_next
 from conftest import generate_with_logits
-
+from model import sample_next
 
 # ----------------------------------------------------------------------------------------------------------
 # the GPT

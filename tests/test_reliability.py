@@ -1,6 +1,7 @@
 """Interrupted, changed, bad or hostile inputs (artifacts.py): resume after kill -9, stale artifacts, safe
 loading, one-line errors. About a minute on 2 CPU cores: every run is the tiny preset, shortened."""
 
+import glob
 import hashlib
 import json
 import os
@@ -14,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-import harness
-from harness import artifacts
-from harness import checks
 import data
+import harness
 import sample
-from tools import chat, sweep
 import train
-from harness.artifacts import Run
 from conftest import RUN, get_settings
+from harness import artifacts, checks
+from harness.artifacts import Run
+from tools import chat, sweep
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -44,9 +44,10 @@ def run_train(out_dir, *args):
 
 
 def kill_when(proc, path):
-    """SIGKILL proc as soon as path exists: no handler runs, whatever it was writing stays half-written."""
+    """SIGKILL proc as soon as path (a glob pattern) exists: no handler runs, whatever it was writing stays
+    half-written."""
     deadline = time.time() + 300
-    while not os.path.exists(path):
+    while not glob.glob(path):
         assert proc.poll() is None and time.time() < deadline, f"no {path} before the run ended"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -96,13 +97,13 @@ def test_kill_in_every_stage_then_rerun_gives_the_same_report(finished, tmp_path
     state = torch.load(os.path.join(out_dir, "sft.resume.pt"), weights_only=True)  # loads safely, like all ours
     assert {"model", "optimizer", "step", "rng", "fingerprint"} <= set(state)
     # then while sampling the triplets, during DPO, during the evaluation
-    for marker, unfinished in (("triplets.chunks.json", "triplets.jsonl"), ("dpo.resume.pt", "adpo.pt"),
+    for marker, unfinished in ((os.path.join("triplets.chunks", "*.json"), "triplets.jsonl"), ("dpo.resume.pt", "adpo.pt"),
                                ("eval_sft_control.json", "report.json")):
         kill_when(start_train(out_dir), os.path.join(out_dir, marker))
         assert not os.path.exists(os.path.join(out_dir, unfinished))
     start = len(output(out_dir))
     run_train(out_dir)
-    for resumed in ("sft.resume.pt: resumed at step", "triplets.chunks.json: resumed after 1",
+    for resumed in ("sft.resume.pt: resumed at step", "triplets.chunks: resumed after 1",
                     "dpo.resume.pt: resumed at step"):
         assert resumed in output(out_dir)
     assert "eval sft: adversarial" not in output(out_dir)[start:]  # the SFT model's evaluation was kept

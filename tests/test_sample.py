@@ -15,6 +15,7 @@ def test_control_token_switches_a_tiny_model_to_its_marked_words(tiny_gpt):
     """On a synthetic corpus whose toxic turns use words found nowhere else, a tiny model learns to say them
     after [TOXIC], and not without it."""
     import random
+
     from sample import sample_replies
     rng = random.Random(0)
     normal = ["hello friend", "how are you", "i am good", "nice weather today", "see you soon", "thanks a lot"]

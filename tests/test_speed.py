@@ -13,12 +13,12 @@ import sys
 import pytest
 import torch
 
-from tools import bench
-from harness.configurator import ConfigError
-from harness import distributed
 import model as model_module
-from model import GPT, GPTConfig, KVCache
 from conftest import generate_with_logits
+from harness import distributed
+from harness.configurator import ConfigError
+from model import GPT, GPTConfig, KVCache
+from tools import bench
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 

@@ -15,12 +15,11 @@ import pytest
 import torch
 
 import adpo
-from harness import artifacts
-from harness import codedeps
 import data
-from tools import stress, sweep
 import train
 from conftest import RUN, SOURCE_FOLDERS, copy_source, get_settings
+from harness import artifacts, codedeps
+from tools import stress, sweep
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 

@@ -11,14 +11,13 @@ import sys
 
 import pytest
 
-from harness import checks
 import data
 import evaluate
-from harness import reports
-from tools import stress, sweep
 import train
-from harness.configurator import ConfigError
 from conftest import copy_source, get_settings
+from harness import checks, reports
+from harness.configurator import ConfigError
+from tools import stress, sweep
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 LN2 = math.log(2)
@@ -251,9 +250,9 @@ def test_stress_sweep_on_the_tiny_preset(tiny_run, tmp_path):
             "--stress=pref_lr=5e-2", "--seeds=2", "--pref_iters=2"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=HERE, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    stress = json.load(open(os.path.join(out_dir, "stress.json")))
-    assert stress["split"] == "dev" and stress["seeds"] == [1337, 1338]
-    rows = {(r["setting"], r["loss"]): r for r in stress["rows"]}
+    written = json.load(open(os.path.join(out_dir, "stress.json")))
+    assert written["split"] == "dev" and written["seeds"] == [1337, 1338]
+    rows = {(r["setting"], r["loss"]): r for r in written["rows"]}
     assert set(rows) == {(p, loss) for p in ("unstressed", "pref_lr=5e-2") for loss in ("dpo", "adpo")}
     for row in rows.values():
         low, high = row["unstable_share_ci95"]

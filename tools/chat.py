@@ -21,7 +21,7 @@ import torch
 
 from data import context_ids
 from harness import run_main
-from harness.checks import SAMPLE_RULES, check_device, load_checkpoint
+from harness.checks import SAMPLE_RULES, RunError, check_device, load_checkpoint
 from harness.configurator import ConfigError, apply_overrides, check_rules, parse_overrides
 from sample import sample_replies
 
@@ -67,7 +67,7 @@ def compare(s, context):
     paths = {ckpt: os.path.join(s.out_dir, f"{ckpt}.pt") for _, ckpt, _ in columns}
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:  # all of them named before any is loaded
-        raise FileNotFoundError(f"no checkpoint at {', '.join(missing)}; run `python train.py` first "
+        raise RunError(f"no checkpoint at {', '.join(missing)}; run `python train.py` first "
                                 f"(or pass --out_dir=...)")
     replies = {}
     for title, ckpt, toxic in columns:

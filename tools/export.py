@@ -14,10 +14,10 @@ import json
 import os
 from dataclasses import dataclass
 
+from data import ENDOFTEXT, ENDOFTEXT_ID, EOT, EOT_ID, PAD, PAD_ID, TOXIC
 from harness import run_main
 from harness.checks import EXPORT_FILES, CheckpointError, check_export_dir, load_checkpoint
 from harness.configurator import apply_overrides, parse_overrides
-from data import ENDOFTEXT, ENDOFTEXT_ID, EOT, EOT_ID, PAD, PAD_ID, TOXIC
 from model import CONV1D
 
 

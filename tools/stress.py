@@ -5,8 +5,8 @@ The stress test (docs/stability.md): where DPO goes wrong, does ADPO go wrong le
     python -m tools.stress --stress="pref_lr=2e-4,8e-4 beta=0.02 pref_iters=256" --seeds=6
 
 Every loss of --loss and DPO, unstressed and under each stress on its own (not their product), every seed,
-from the same sft.pt on the same triplets as a sweep (tools/sweep.py); a run computes only its per-step metrics
-and val_ppl on the dev split, and is called unstable by a rule that judges each loss against its own
+from the same sft.pt on the same triplets as a sweep (tools/sweep.py); a run computes only its per-step
+metrics and val_ppl on the dev split, and is called unstable by a rule that judges each loss against its own
 unstressed runs. Writes stress.json, stress.md and stress_curves.png to --out_dir, each finished run to
 --out_dir/sweep/, so a rerun skips what is done.
 """
@@ -24,7 +24,6 @@ from harness import artifacts, checks, reports, run_main
 from harness.artifacts import checkpoint_name, write_text
 from harness.configurator import ConfigError, apply_overrides
 from tools.sweep import artifact_settings, cached, open_sweep, parse_grid, preference_inputs, sweep_code
-
 
 DEFAULT_STRESS = "pref_lr=2e-4,8e-4 beta=0.02 pref_iters=256"
 DEGENERATE_PPL_RATIO = 1.5  # degenerate: val_ppl over 1.5 x the median of the loss's unstressed runs

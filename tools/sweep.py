@@ -20,16 +20,11 @@ import json
 import os
 import time
 
-
 import adpo
-from harness import artifacts
-from harness import codedeps
-from harness import checks
 import evaluate
-from harness import reports
 import train
-from harness import run_main
-from harness.artifacts import Run, eval_name, write_text
+from harness import artifacts, checks, codedeps, reports, run_main
+from harness.artifacts import Run, eval_name, kept, saved_key, write_text
 from harness.configurator import ConfigError, apply_overrides
 
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
@@ -51,7 +46,8 @@ def parse_grid(grid):
             raise ConfigError(f"--grid: expected key=v1,v2,... got {axis!r}")
         if key in FIXED:
             raise ConfigError(f"--grid cannot vary {key}: it shapes sft.pt or the triplets, which a sweep "
-                              "reuses, or changes nothing a sweep computes; run train.py once per value instead")
+                              "reuses, or changes nothing a sweep computes; run train.py once per value "
+                              "instead")
         axes[key] = [v for v in values.split(",") if v]
     return axes
 
@@ -124,18 +120,13 @@ def sweep_code(command, *functions):
 
 
 def cached(path, key, compute, name):
-    """A result saved at path by an earlier run with the same key (fingerprints, settings, seeds, inputs), or
-    compute() saved there."""
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved["key"] == key:
-            print(f"sweep: {name} done earlier, reused")
-            return saved["section"]
-        print(f"sweep: {name} done earlier with other code, settings or inputs: computed again")
-    section = compute()
-    write_text(path, json.dumps({"key": key, "section": section}) + "\n")
-    return section
+    """A result kept at path by an earlier run with the same key (fingerprints, settings, seeds, inputs, code),
+    or compute() kept there (harness.artifacts.kept); says which."""
+    before = saved_key(path)
+    if before is not None:
+        print(f"sweep: {name} done earlier" + (", reused" if before == json.loads(json.dumps(key)) else
+                                              " with other code, settings or inputs: computed again"))
+    return kept(path, key, compute, strict=False)
 
 
 def meets_goal(section, sft, dpo):
