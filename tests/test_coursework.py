@@ -46,8 +46,9 @@ def test_checker_cli_exit_codes():
     ok = run_script("adpo.py", "--check=adpo")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("PASS") == 8 and "FAIL" not in ok.stdout
-    for args in (["--check=kto"], ["--chek=adpo"]):
-        bad = run_script("adpo.py", *args)
+    for args in (["--check=kto"], ["--chek=adpo"]):  # the tool itself, as `python -m tools.check_loss`
+        bad = subprocess.run([sys.executable, "-m", "tools.check_loss", *args], capture_output=True, text=True,
+                             cwd=HERE, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert bad.returncode == 2 and bad.stdout == ""
         assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
 

@@ -6,10 +6,13 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+
+from conftest import RUN
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 DOCS = ["README.md", "EXERCISES.md"] + sorted(os.path.relpath(p, HERE) for p in glob.glob(f"{HERE}/docs/*.md"))
@@ -57,11 +60,8 @@ def tool(*args, timeout=300, **kwargs):
 
 
 def test_the_tools_run_their_tiny_form(finished, tmp_path):
-    checked = tool("tools.check_loss", "--check=dpo")
-    assert checked.returncode == 0 and "0 failed" in checked.stdout, checked.stdout + checked.stderr
-    bench = tool("tools.bench", "--device=cpu", "--steps=1", "--warmup=1", f"--out={tmp_path}/bench.json")
-    assert bench.returncode == 0, bench.stderr[-2000:]
-    assert json.load(open(tmp_path / "bench.json"))["pref"]
+    """chat here; check_loss in test_coursework.py, sweep and stress in test_train.py, export in
+    test_export.py, bench in the GPU check below."""
     chat = tool("tools.chat", f"--checkpoint={finished}/sft.pt", "--prompt=hi there", "--num_samples=2",
                 "--max_new_tokens=4")
     assert chat.returncode == 0 and chat.stdout.count("  > ") == 2, chat.stderr[-2000:]
@@ -70,11 +70,14 @@ def test_the_tools_run_their_tiny_form(finished, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/bin/bash"), reason="bash")
-def test_the_gpu_check_script_runs_on_a_cpu(tmp_path):
-    """tools/gpu_check.sh as its own comment says it runs on a CPU: the bench, then the tiny preset."""
-    env = {**ENV, "PRESET": "tiny", "BENCH_ARGS": "--device=cpu --steps=1 --warmup=1", "OUT": str(tmp_path)}
+def test_the_gpu_check_script_runs_on_a_cpu(finished, tmp_path):
+    """tools/gpu_check.sh as its own comment says it runs on a CPU: the bench, then the tiny preset (here on a
+    finished run's copy, which it finds done)."""
+    shutil.copytree(finished, tmp_path / "run")
+    env = {**ENV, "PRESET": "tiny", "BENCH_ARGS": "--device=cpu --steps=1 --warmup=1", "OUT": str(tmp_path),
+           "TRAIN_ARGS": " ".join(a for a in RUN if not a.startswith("--preset"))}
     result = subprocess.run(["bash", "tools/gpu_check.sh"], capture_output=True, text=True, cwd=HERE, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "the tiny preset on 1 process(es)" in result.stdout and "exit status 0" in result.stdout
-    assert os.path.isfile(tmp_path / "run" / "report.json")
+    assert json.load(open(tmp_path / "bench.json"))["pref"] and "| metric" in result.stdout

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 PRESET=${PRESET:-gpu}
 NPROC=${NPROC:-1}
 BENCH_ARGS=${BENCH_ARGS:-}
+TRAIN_ARGS=${TRAIN_ARGS:-}  # more of train.py's --key=value
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
 
@@ -47,7 +48,7 @@ if [ "$NPROC" -gt 1 ]; then
     launch=(torchrun --standalone --nproc_per_node="$NPROC")
 fi
 status=0
-"${launch[@]}" train.py --preset="$PRESET" --out_dir="$OUT/run" > "$OUT/train.log" 2>&1 || status=$?
+"${launch[@]}" train.py --preset="$PRESET" $TRAIN_ARGS --out_dir="$OUT/run" > "$OUT/train.log" 2>&1 || status=$?
 seconds=$(( $(date +%s) - start ))
 
 echo

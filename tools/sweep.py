@@ -124,7 +124,8 @@ def cached(path, key, compute, name):
     or compute() kept there (harness.artifacts.kept); says which."""
     before = saved_key(path)
     if before is not None:
-        print(f"sweep: {name} done earlier" + (", reused" if before == json.loads(json.dumps(key)) else
+        same = before == json.loads(json.dumps(key))
+        print(f"sweep: {name} done earlier" + (", reused" if same else
                                               " with other code, settings or inputs: computed again"))
     return kept(path, key, compute, strict=False)
 
