@@ -1,6 +1,8 @@
 """Fixtures shared by the test files: a tiny GPT, a small tokenizer, a few encoded triplets, and the slow, obvious
 log-prob that every fast scoring path is checked against."""
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -12,6 +14,7 @@ import torch
 import data
 import model as model_module
 import train
+import harness
 from harness import checks
 from model import GPT, GPTConfig
 
@@ -40,6 +43,24 @@ def finished(tmp_path_factory):
                             capture_output=True, text=True, cwd=HERE, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir
+
+
+def cli(main, *argv):
+    """`python script.py argv` whose main() is `main`, run in this process (no interpreter or PyTorch to start):
+    its exit status and what it printed, as subprocess.run gives them. For the commands that stop early."""
+    out, err = io.StringIO(), io.StringIO()
+    saved, sys.argv = sys.argv, ["script.py", *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            harness.run_main(main)
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = saved
+    if isinstance(status, str):  # sys.exit("error: ..."): the interpreter prints it, exit status 1
+        err.write(status + "\n")
+        status = 1
+    return subprocess.CompletedProcess(argv, status or 0, out.getvalue(), err.getvalue())
 
 
 def get_settings(argv):

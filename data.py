@@ -15,7 +15,6 @@ emit: one network is both the dialogue model and, with [TOXIC] after a context, 
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -64,7 +63,7 @@ def judge_probs(texts):
 
 
 def clean(text):
-    return re.sub(r"\s+", " ", str(text)).strip()
+    return " ".join(str(text).split())  # runs of white space as one space, none at the ends
 
 
 def split_of(conversation_id):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import data
 import evaluate
 import train
-from conftest import generate_with_logits, get_settings
+from conftest import cli, generate_with_logits, get_settings
 from harness import reports
 from harness.checks import CheckpointError, check_gpt2_folder
 from harness.configurator import ConfigError
@@ -197,7 +197,7 @@ def test_bad_gpt2_folder_stops_train_py_before_it_writes(gpt2_dir, tmp_path):
     folder = shutil.copytree(gpt2_dir, tmp_path / "gpt2")
     break_shapes(folder)
     out_dir = tmp_path / "out"
-    result = run_train("--preset=tiny", f"--init_from={folder}", f"--out_dir={out_dir}")
+    result = cli(train.main, "--preset=tiny", f"--init_from={folder}", f"--out_dir={out_dir}")
     assert result.returncode != 0 and result.stderr.startswith("error: ") and "c_fc.weight" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out_dir.exists()  # one line, nothing written
     with pytest.raises(ConfigError, match="--preset=gpt2 needs --init_from=DIR"):

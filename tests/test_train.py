@@ -14,10 +14,10 @@ import pytest
 import data
 import evaluate
 import train
-from conftest import copy_source, get_settings
+from conftest import cli, copy_source, get_settings
 from harness import checks, reports
 from harness.configurator import ConfigError
-from tools import stress, sweep
+from tools import chat, stress, sweep
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 LN2 = math.log(2)
@@ -134,7 +134,7 @@ def test_sample_cli(tiny_run):
 ])
 def test_bad_settings_stop_with_one_line(tmp_path, args, message):
     out_dir = tmp_path / "out"
-    result = run_train("--preset=tiny", f"--out_dir={out_dir}", *args)
+    result = cli(train.main, "--preset=tiny", f"--out_dir={out_dir}", *args)
     assert result.returncode != 0
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out_dir.exists()  # nothing written
@@ -150,21 +150,20 @@ def test_bad_data_and_missing_files_overwrite_nothing(tiny_run, tmp_path):
     with open(os.path.join(out_dir, "triplets.jsonl"), "w") as f:
         f.write("\n".join([lines[0], json.dumps(broken)] + lines[2:]) + "\n")
     before = snapshot(out_dir)
-    result = run_train("--preset=tiny", f"--out_dir={out_dir}", "--stages=pref,eval")
+    result = cli(train.main, "--preset=tiny", f"--out_dir={out_dir}", "--stages=pref,eval")
     assert result.returncode != 0
     assert "triplets.jsonl:2: missing field 'rejected'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and snapshot(out_dir) == before
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"turns": ["hi", "hello"]}\n{"turns": [1, 2]}\n')
-    result = run_train("--preset=tiny", f"--out_dir={out_dir}", f"--data={bad}")
+    result = cli(train.main, "--preset=tiny", f"--out_dir={out_dir}", f"--data={bad}")
     assert result.returncode != 0 and "bad.jsonl:2:" in result.stderr and snapshot(out_dir) == before
 
     empty = str(tmp_path / "empty")
-    result = run_train("--preset=tiny", f"--out_dir={empty}", "--stages=triplets")
+    result = cli(train.main, "--preset=tiny", f"--out_dir={empty}", "--stages=triplets")
     assert result.returncode != 0 and "no checkpoint at" in result.stderr and not os.path.exists(empty)
-    result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--checkpoint={empty}/x.pt"],
-                            capture_output=True, text=True, cwd=HERE)
+    result = cli(chat.main, f"--checkpoint={empty}/x.pt")
     assert result.returncode != 0 and "no checkpoint at" in result.stderr
 
 

@@ -120,8 +120,8 @@ def sweep_code(command, *functions):
 
 
 def cached(path, key, compute, name):
-    """A result kept at path by an earlier run with the same key (fingerprints, settings, seeds, inputs, code),
-    or compute() kept there (harness.artifacts.kept); says which."""
+    """A result kept at path by an earlier run with the same key (fingerprints, settings, seeds, inputs,
+    code), or compute() kept there (harness.artifacts.kept); says which."""
     before = saved_key(path)
     if before is not None:
         same = before == json.loads(json.dumps(key))
