@@ -165,7 +165,7 @@ def train_sft(s, tok, conversations, hooks=None):
     generator = torch.Generator().manual_seed(s.seed)  # the same global batches in every process
     rows = s.batch_size // hooks.world // s.grad_accum  # in one forward pass
     # machinery: the model compiled (--compile) and wrapped for torchrun; a killed run's state restored
-    model, start, state = hooks.start(raw_model, optimizer, generator, rows)
+    model, start, state = hooks.start_loop(raw_model, optimizer, generator, rows)
 
     @torch.no_grad()
     def val_loss():
@@ -213,7 +213,7 @@ def train_sft(s, tok, conversations, hooks=None):
             steps = step - (curve[-1]["step"] if curve else start)
             dt = time.time() - t0
             t0 = time.time()
-            train_loss = hooks.sum(float(loss_sum)) / steps
+            train_loss = hooks.sum_over_processes(float(loss_sum)) / steps
             loss_sum = 0.0
             tok_s = s.batch_size * s.block_size * steps / dt
             curve.append({"step": step, "loss": train_loss, "lr": lr, "tok_s": tok_s})
@@ -323,7 +323,7 @@ def train_preference(s, loss_name, sft_model, enc, ref, seed, hooks=None):
                                   weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)  # the same data order for every loss
     hyper = {"beta": s.beta, "gamma": s.gamma, "eps": s.eps}
-    _, start, state = hooks.start(policy, optimizer, generator)  # machinery: a killed run goes on
+    _, start, state = hooks.start_loop(policy, optimizer, generator)  # machinery: a killed run goes on
     order = state.get("order", [])  # the data position
     metrics = state.get("metrics", [])
     bar = tqdm(range(start, s.pref_iters), desc=loss_name, unit="step", initial=start, total=s.pref_iters,
@@ -333,7 +333,7 @@ def train_preference(s, loss_name, sft_model, enc, ref, seed, hooks=None):
             order += torch.randperm(len(enc), generator=generator).tolist()
         idx = order[:s.pref_batch_size]
         order = order[s.pref_batch_size:]
-        idx = hooks.share(idx)  # this process's part of the batch (all of it in one process)
+        idx = hooks.process_part(idx)  # this process's part of the batch (all of it in one process)
         lr = get_lr(it, s.pref_warmup_iters, s.pref_iters, s.pref_lr, s.pref_lr)  # warmup, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -353,7 +353,7 @@ def train_preference(s, loss_name, sft_model, enc, ref, seed, hooks=None):
         row = {"step": it + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, **diagnostics,
                **adpo.preference_metrics(**{k: v.detach() for k, v in logps.items()}, **batch_ref,
                                          beta=s.beta, gamma=s.gamma)}
-        metrics.append(hooks.mean(row))  # the whole batch's (grad/*: norms averaged over the processes)
+        metrics.append(hooks.mean_over_processes(row))  # the whole batch's (grad/*: norms averaged)
         bar.set_postfix(loss=f"{metrics[-1]['loss']:.3f}", margin=f"{metrics[-1]['rewards/margins']:.3f}",
                         acc=f"{metrics[-1]['rewards/accuracies']:.2f}")
         hooks.end_step(it, loss, policy, optimizer, generator, order=order, metrics=metrics)  # machinery
@@ -398,7 +398,7 @@ class OneProcess:
     """The hooks of a training loop in one process that keeps nothing between runs (tests, a notebook)."""
     world, is_main = 1, True  # processes; this one prints
 
-    def start(self, model, optimizer, generator, rows=None):
+    def start_loop(self, model, optimizer, generator, rows=None):
         return model, 0, {}  # the model to run, the step to start from, the loop's saved state
 
     def end_step(self, step, loss, model, optimizer, generator, **state):
@@ -410,16 +410,16 @@ class OneProcess:
         for piece in (slice(i * n // grad_accum, (i + 1) * n // grad_accum) for i in range(grad_accum)):
             yield x[piece], y[piece], int((y[piece] != -1).sum()) / total
 
-    def share(self, items):
+    def process_part(self, items):
         return items  # this process's part of a batch
 
     def average_gradients(self, model):
         pass  # over the processes
 
-    def sum(self, value):
+    def sum_over_processes(self, value):
         return value  # over the processes
 
-    def mean(self, row):
+    def mean_over_processes(self, row):
         return row  # each value averaged over the processes
 
 

@@ -39,8 +39,8 @@ from harness.checks import STAGES, RunError, check_out_dir, checkpoint_dict, loa
 from harness.loop import Hooks
 
 # the settings each artifact depends on, besides the artifact it is built from
-CORPUS = ("data", "max_conversations", "toxic_threshold")  # the tokenizer's, counted by the corpus' content
 DEPENDS_ON = {
+    # the tokenizer also depends on the corpus (data, max_conversations, toxic_threshold)
     "tokenizer.json": ("vocab_size",),  # and --init_from's files, by content (file_digests)
     "sft.pt": ("seed", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size",
                "dropout", "bias", "sft_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters",
@@ -71,7 +71,8 @@ def checkpoint_name(loss, seed, first_seed):
 
 
 # tables the shared code reaches but does not depend on: each loss counts in its own checkpoints only
-SHARED_EXCLUDES = ("adpo.LOSSES", "harness.artifacts.OWN_CODE")  # tables of roots: their entries count apart
+# and train.OneProcess, the hooks of a loop run alone (tests, notebooks): main() never uses them
+SHARED_EXCLUDES = ("adpo.LOSSES", "harness.artifacts.OWN_CODE", "train.OneProcess")
 
 
 def code_of(*roots):
@@ -251,8 +252,7 @@ def kept(path, key, compute, decode=lambda value: value, fingerprint=None, stric
     decode(compute()), saved there first as {"key": key, "value": ...}. Both ways the value is read back from
     JSON, so a result reused and one just computed are the very same numbers. fingerprint: path is an
     artifact, recorded as finished; strict: no nan or inf (not JSON)."""
-    if key is None or saved_key(path) != json.loads(json.dumps(key)):  # as JSON reads it back
-        # numpy arrays and torch tensors as lists
+    if key is None or saved_key(path) != as_json(key):  # the key as JSON reads it back
         text = json.dumps({"key": key, "value": compute()}, default=lambda x: x.tolist(),
                           allow_nan=not strict)
         write_text(path, text + "\n", fingerprint)
@@ -261,12 +261,18 @@ def kept(path, key, compute, decode=lambda value: value, fingerprint=None, stric
 
 
 def saved_key(path):
-    """The key the result at path was kept under (kept), or None."""
+    """The key the result at path was kept under (kept), or None (no such file, or not one kept wrote)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f).get("key")
-    except (OSError, ValueError, AttributeError):
+            saved = json.load(f)
+        return saved["key"] if "value" in saved else None
+    except (OSError, ValueError, TypeError, KeyError):
         return None
+
+
+def as_json(value):
+    """value as JSON reads it back: tuples as lists, numpy arrays and torch tensors as lists."""
+    return json.loads(json.dumps(value, default=lambda x: x.tolist()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -452,8 +458,6 @@ class Run:
     def evaluation(self, model, seed, compute):
         """The evaluation of `model` with `seed`: eval_MODEL.json when it is fresh, else compute() written
         there first (read back from JSON both ways, so a resumed stage computes with the same numbers)."""
-        if self._stage is None:
-            self._stage = ("eval", time.time())
         name = eval_name(model, seed, self.s.seed)
         self._evaluations[model, seed] = kept(self.path(name), self.fp.get(name), compute,
                                               reports.results_from_json, self.fp.get(name))
@@ -524,8 +528,8 @@ class Run:
         last finished piece."""
         folder = chunks_path(self.path(name))
         if name not in self._chunks and os.path.isdir(folder):
-            keys = [saved_key(os.path.join(folder, f)) or [None] for f in os.listdir(folder)]
-            done = sum(k[0] == self.fp[name] for k in keys)
+            keys = [saved_key(os.path.join(folder, f)) for f in os.listdir(folder)]
+            done = sum(isinstance(k, list) and k[:1] == [self.fp[name]] for k in keys)
             print(f"{os.path.basename(folder)}: resumed after {done} finished chunk(s)")
         self._chunks.add(name)
         if distributed.is_main():
@@ -539,6 +543,7 @@ class Run:
         os.makedirs(self.s.out_dir, exist_ok=True)
         if not distributed.is_main():
             return
+        HOLDING.append(self.s.out_dir)  # for run_main: what a rerun after Ctrl-C goes on from
         self._lock = open(self.path(".lock"), "a")  # created once, never written
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -572,12 +577,14 @@ def lock_holder(path):
 
 # the machinery's own code that each artifact passes through (train.CODE names the method's)
 OWN_CODE = {"tokenizer.json": (Run.tokenizer,),
-            "sft.pt": (*vars(Hooks).values(), Run.save_sft, Run.save_checkpoint, load_checkpoint),
+            "sft.pt": (Hooks.start_loop, Hooks.end_step, Hooks.micro_batches, Hooks.sum_over_processes,
+                       Run.save_sft, Run.save_checkpoint, load_checkpoint),
             "triplets.jsonl": (Run.sampler, Run.save_triplets),
-            "pref": (*vars(Hooks).values(), Run.triplets, Run.save_policy, Run.save_checkpoint),
+            "pref": (Hooks.start_loop, Hooks.end_step, Hooks.process_part, Hooks.average_gradients,
+                     Hooks.mean_over_processes, Run.triplets, Run.to_train, Run.save_policy,
+                     Run.save_checkpoint),
             "eval": (Run.triplets, Run.evaluation, Run.load_policy, Run.sample),
             "report.json": (Run.report,)}
-OWN_CODE = {name: tuple(x for x in roots if callable(x)) for name, roots in OWN_CODE.items()}
 
 
 def start(argv, defaults, presets, code):
@@ -600,6 +607,7 @@ def start(argv, defaults, presets, code):
 # ----------------------------------------------------------------------------------------------------------
 
 RESUMABLE = {}  # the last resume state this process saved of a checkpoint not finished yet: name, step
+HOLDING = []  # the out_dir this process holds, if any
 
 
 def run_main(main):
@@ -614,12 +622,13 @@ def run_main(main):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nothing to fail
         sys.exit(141)  # 128 + SIGPIPE, as a shell reports `yes | head -1`: not all was written, not an error
     except KeyboardInterrupt:
+        where = ""  # a command that keeps nothing: nothing to say
         if RESUMABLE:
-            where = (f"resumes {RESUMABLE['name'].removesuffix('.pt')} at step {RESUMABLE['step']} "
-                     f"({os.path.basename(resume_path(RESUMABLE['name']))})")
-        else:
-            where = "goes on from what is finished"
-        sys.exit(f"error: interrupted; rerunning the same command {where}")
+            where = (f"; rerunning the same command resumes {RESUMABLE['name'].removesuffix('.pt')} at step "
+                     f"{RESUMABLE['step']} ({os.path.basename(resume_path(RESUMABLE['name']))})")
+        elif HOLDING:
+            where = "; rerunning the same command goes on from what is finished"
+        sys.exit("error: interrupted" + where)
     except (UserError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # an unwritable or full out_dir

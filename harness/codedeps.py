@@ -400,7 +400,7 @@ class Walk:
         if self.index is None or self.index[0] != universe:
             self.index = (universe, member_index(tuple(self.module(m) for m in sorted(universe))))
         for module, cls, stmt in self.index[1].get(name, []):
-            if classes is None or cls.name in classes:
+            if (classes is None or cls.name in classes) and (module.name, cls.name) not in self.exclude:
                 self.add(module, stmt, label_of(stmt))
 
     def parents(self):

@@ -19,7 +19,7 @@ class Hooks:
         self.run, self.name = run, name
         self.world, self.is_main = distributed.world_size(), distributed.is_main()
 
-    def start(self, model, optimizer, generator, rows=None):
+    def start_loop(self, model, optimizer, generator, rows=None):
         """(the model the loop runs, the step to start from, the state saved with it). rows: the rows of one
         forward pass, for a model to compile and wrap (none: the model runs as it is)."""
         running = model
@@ -40,14 +40,14 @@ class Hooks:
     def micro_batches(self, model, x, y, grad_accum):
         return distributed.micro_batches(model, x, y, grad_accum)
 
-    def share(self, items):
+    def process_part(self, items):
         return distributed.split(items)
 
     def average_gradients(self, model):
         distributed.average_gradients(model)
 
-    def sum(self, value):
+    def sum_over_processes(self, value):
         return distributed.sum_over_processes(value)
 
-    def mean(self, row):
+    def mean_over_processes(self, row):
         return distributed.mean_over_processes(row)

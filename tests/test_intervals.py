@@ -1,6 +1,6 @@
 """Does "different" in report.md mean what a 95% interval means? Reports of two identical methods are
 simulated and compared by reports.paired_differences itself; the share of "different" calls must be near 5%
-with 2, 3 and 6 seeds, whatever the training noise. `python test_intervals.py` prints the table of
+with 2, 3 and 6 seeds, whatever the training noise. `python -m tests.test_intervals` prints the table of
 docs/results.md (the shares, and the power against a method with 20% fewer toxic replies).
 
 The model (the staleness issue's review): 256 contexts, 8 replies each; each context's toxicity rate drawn

@@ -13,11 +13,11 @@ READING_PATH = ["model", "data", "adpo", "sample", "evaluate", "train"]  # the p
 MACHINERY, TOOLS = "harness", "tools"
 # the method's functions: models, tensors, settings and at most one callback; never a Run, a path, a
 # checkpoint name or a fingerprint
-METHOD_FUNCTIONS = {"train": ["make_tokenizer", "train_sft", "build_triplets", "reference_logps", "policy_logps",
-                              "train_preference", "final_pass", "evaluate_policy"],
-                    "evaluate": ["eval_sets", "evaluate", "evaluate_sft_control", "token_logratios", "stability",
-                                 "gradient_by_reply"]}
-NOT_PLAIN = {"run", "path", "out_dir", "sft_path", "checkpoint", "ckpt", "fingerprint", "fp"}
+METHOD_FUNCTIONS = {"train": ["make_tokenizer", "train_sft", "build_triplets", "reference_logps",
+                              "policy_logps", "train_preference", "final_pass", "evaluate_policy"],
+                    "evaluate": ["eval_sets", "evaluate", "evaluate_sft_control", "token_logratios",
+                                 "stability", "gradient_by_reply"]}
+NOT_PLAIN = ("run", "path", "dir", "file", "ckpt", "checkpoint", "fingerprint")  # in a parameter's name
 CALLBACKS = {"hooks", "sample_replies", "sample", "loss_of"}
 # the scripts whose `python NAME.py` runs a tool: only in their __main__ block, and only by runpy
 COMMAND_LINES = {"sample": "tools.chat", "adpo": "tools.check_loss"}
@@ -69,7 +69,7 @@ def layer(module):
 
 
 def find_cycle(graph):
-    """One import cycle as [a, b, ..., a], or None: a depth-first search for an edge back into its own path."""
+    """One import cycle as [a, b, ..., a], or None: a depth-first search for an edge back into its path."""
     done, path = set(), []
 
     def visit(node):
@@ -92,7 +92,8 @@ def layer_violations(found=None):
     """Every import that goes up a layer, and one import cycle if there is one."""
     found = found or modules()
     graph = {m: {t for t, _ in imports(parse(p), found) if t != m} for m, p in found.items()}
-    problems = [f"{m} imports {t}" for m, targets in graph.items() for t in sorted(targets) if layer(t) > layer(m)]
+    problems = [f"{m} imports {t}" for m, targets in graph.items() for t in sorted(targets)
+                if layer(t) > layer(m)]
     cycle = find_cycle(graph)
     return problems + (["import cycle: " + " -> ".join(cycle)] if cycle else [])
 
@@ -110,6 +111,8 @@ def machinery_touches(tree, found):
     for node in tree.body:
         names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
         names |= {t.split(".")[0] for t, _ in imports(node, found)}
+        names |= {n.value.split(".")[0] for n in ast.walk(node)  # by name: sys.modules["harness..."]
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         if {MACHINERY, TOOLS} & names:
             touched.append((getattr(node, "name", type(node).__name__), node.lineno))
     return touched
@@ -125,10 +128,11 @@ def test_only_train_main_touches_the_machinery_and_the_reading_path_imports_none
         tree = parse(found[module])
         outside = {t for t, _ in imports(tree, found) if t.split(".")[0] in (MACHINERY, TOOLS)}
         assert not outside, f"{module}.py imports {outside}"
+        # by name too (importlib, __import__, sys.modules, runpy): only a __main__ block's command line
         runs = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-                and n.value.startswith(TOOLS + ".")]
+                and n.value.split(".")[0] in (MACHINERY, TOOLS)]
         in_main = [n for stmt in tree.body if is_main_block(stmt) for n in ast.walk(stmt)]
-        assert all(n in in_main for n in runs), f"{module}.py runs a tool outside its __main__ block"
+        assert all(n in in_main for n in runs), f"{module}.py names the machinery or a tool outside __main__"
         assert [n.value for n in runs] == ([COMMAND_LINES[module]] if module in COMMAND_LINES else [])
     tree = parse(found["train"])
     touches = [where for where, _ in machinery_touches(tree, found)]
@@ -140,17 +144,28 @@ def test_method_functions_take_plain_arguments():
     for module, names in METHOD_FUNCTIONS.items():
         functions = {n.name: n for n in parse(found[module]).body if isinstance(n, ast.FunctionDef)}
         for name in names:
-            args = [a.arg for a in functions[name].args.args + functions[name].args.kwonlyargs]
-            assert not NOT_PLAIN & set(args), f"{module}.{name} takes {NOT_PLAIN & set(args)}"
-            assert len(CALLBACKS & set(args)) <= 1, f"{module}.{name} takes callbacks {CALLBACKS & set(args)}"
+            bad = machinery_arguments(functions[name])
+            assert not bad, f"{module}.{name} takes {bad}"
             assert not file_access(functions[name]), f"{module}.{name} reads or writes files"
 
 
+def machinery_arguments(function):
+    """What a method function must not take: a parameter named for a run, a path or a checkpoint (any kind of
+    parameter), or more than one callback."""
+    a = function.args
+    args = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [v for v in (a.vararg, a.kwarg) if v]]
+    bad = [x for x in args if any(part in x.lower() for part in NOT_PLAIN)]
+    callbacks = CALLBACKS & set(args)
+    return bad + (sorted(callbacks) if len(callbacks) > 1 else [])
+
+
 def file_access(function):
-    """The calls in a function's body that read or write files: open, os.*, torch.save/load, json.dump/load."""
+    """The calls in a function's body that read or write files: open, os.*, pathlib, any save/load/dump."""
     calls = [ast.unparse(n.func) for n in ast.walk(function) if isinstance(n, ast.Call)]
-    return [c for c in calls if c in ("open", "torch.save", "torch.load", "json.dump", "json.load")
-            or c.startswith(("os.", "shutil."))]
+    io = ("open", "save", "load", "dump", "savez", "loadtxt", "savetxt", "write_text", "read_text",
+          "write_bytes", "read_bytes")
+    return [c for c in calls
+            if c.split(".")[-1] in io or c.startswith(("os.", "shutil.", "pathlib.", "Path"))]
 
 
 def test_nothing_imports_the_tools():
@@ -167,7 +182,8 @@ def test_a_planted_violation_fails(tmp_path):
     planted.write_text(open(found["data"]).read() + "\nfrom harness import checks\n")
     assert "data imports harness.checks" in layer_violations({**found, "data": str(planted)})
     planted.write_text(open(found["model"]).read() + "\nimport adpo\n")
-    assert any("cycle" in p or "model imports adpo" in p for p in layer_violations({**found, "model": str(planted)}))
+    problems = layer_violations({**found, "model": str(planted)})
+    assert any("cycle" in p or "model imports adpo" in p for p in problems)
     tree = parse(found["train"])
     tree.body.append(ast.parse("def helper(s):\n    return harness.start(s)\n").body[0])
     assert "helper" in [w for w, _ in machinery_touches(tree, found)]
@@ -178,7 +194,8 @@ def sizes():
            and not e.endswith((".egg-info",))]
     git_top = os.popen(f"git -C {HERE} ls-files").read().split()
     tracked = {p.split("/")[0] for p in git_top} or set(top)
-    widest = max((len(line.rstrip("\n")), p) for p in modules().values() for line in open(p, encoding="utf-8"))
+    widest = max((len(line.rstrip("\n")), p) for p in modules().values()
+                 for line in open(p, encoding="utf-8"))
     return {"top-level entries": len([e for e in tracked if not e.startswith(".")]),
             "top-level .py files": len([e for e in tracked if e.endswith(".py")]),
             "reading path lines": sum(len(open(os.path.join(HERE, f"{m}.py")).read().splitlines())

@@ -96,6 +96,19 @@ EDITS = {
     # the glue: what train.main() passes each step (its own source counts for every artifact)
     "train.main": ("train", "run.sampler(\"triplets.jsonl\"))", "run.sampler(name=\"triplets.jsonl\"))",
                    EVERYTHING),
+    # the review of the layout change: no more than what the code computes (an edit stales no earlier step)
+    "sample.as_replies": ("sample", "    if rows and isinstance(rows[0], str):",
+                          "    if rows and isinstance(rows[0], (str,)):", AFTER_TRIPLETS),
+    "reports.plot_curves": ("harness.reports", "figsize=(15, 4))", "figsize=(16, 4))",
+                            POLICIES + ["eval_dpo.json", "eval_adpo.json"] + REPORT),
+    "loop.Hooks.process_part": ("harness.loop", "        return distributed.split(items)",
+                                "        return list(distributed.split(items))",
+                                POLICIES + ["eval_dpo.json", "eval_adpo.json"] + REPORT),
+    "loop.Hooks.mean_over_processes": ("harness.loop", "        return distributed.mean_over_processes(row)",
+                                       "        return dict(distributed.mean_over_processes(row))",
+                                       POLICIES + ["eval_dpo.json", "eval_adpo.json"] + REPORT),
+    "OneProcess.micro_batches": ("train", "            yield x[piece], y[piece], int((y[piece] != -1).sum()) / total",
+                                 "            yield x[piece], y[piece], float((y[piece] != -1).sum()) / total", []),
     # a comment, a docstring, a function nobody calls: nothing
     "a comment": ("adpo", "float32: bf16 sums lose whole nats", "float32: bf16 sums lose nats", []),
     "a docstring": ("sample", "The same seed gives the same replies.", "A seed gives its replies.", []),

@@ -24,14 +24,16 @@ import adpo
 import evaluate
 import train
 from harness import artifacts, checks, codedeps, reports, run_main
-from harness.artifacts import Run, eval_name, kept, saved_key, write_text
+from harness.artifacts import Run, as_json, eval_name, kept, saved_key, write_text
 from harness.configurator import ConfigError, apply_overrides
 
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
-# what a sweep cannot vary: what shapes sft.pt or the triplets, which it reuses (the fingerprints' table), and
-# what changes nothing it computes (--loss aside: the loss is an axis)
-FIXED = {*artifacts.CORPUS, *(k for name in ("tokenizer.json", "sft.pt", "triplets.jsonl")
-                              for k in artifacts.DEPENDS_ON[name]), *artifacts.CHANGE_NO_ARTIFACT} - {"loss"}
+# what a grid cannot vary: a setting that is no preference or evaluation setting (it shapes sft.pt or the
+# triplets, which a sweep reuses, or changes nothing a point computes: the fingerprints' tables say which),
+# and those the points read but the triplets they share were made with
+SHARED_WITH_TRIPLETS = ("seed", "context_turns", "max_new_tokens", "toxic_threshold")
+FIXED = ({f.name for f in dataclasses.fields(train.Settings)} - {"loss"} - set(artifacts.DEPENDS_ON["pref"])
+         - set(artifacts.DEPENDS_ON["eval"])) | set(SHARED_WITH_TRIPLETS)
 LOSS_HYPERPARAMETERS = ("beta", "gamma", "eps")
 GOAL_PPL_RATIO = 1.15  # the goal: toxicity no higher than DPO's, perplexity within 15% of SFT's
 
@@ -124,7 +126,7 @@ def cached(path, key, compute, name):
     code), or compute() kept there (harness.artifacts.kept); says which."""
     before = saved_key(path)
     if before is not None:
-        same = before == json.loads(json.dumps(key))
+        same = before == as_json(key)
         print(f"sweep: {name} done earlier" + (", reused" if same else
                                               " with other code, settings or inputs: computed again"))
     return kept(path, key, compute, strict=False)
