@@ -577,10 +577,10 @@ def lock_holder(path):
 
 # the machinery's own code that each artifact passes through (train.CODE names the method's)
 OWN_CODE = {"tokenizer.json": (Run.tokenizer,),
-            "sft.pt": (Hooks.start_loop, Hooks.end_step, Hooks.micro_batches, Hooks.sum_over_processes,
-                       Run.save_sft, Run.save_checkpoint, load_checkpoint),
+            "sft.pt": (Run.hooks, Hooks.start_loop, Hooks.end_step, Hooks.micro_batches,
+                       Hooks.sum_over_processes, Run.save_sft, Run.save_checkpoint, load_checkpoint),
             "triplets.jsonl": (Run.sampler, Run.save_triplets),
-            "pref": (Hooks.start_loop, Hooks.end_step, Hooks.process_part, Hooks.average_gradients,
+            "pref": (Run.hooks, Hooks.start_loop, Hooks.end_step, Hooks.process_part, Hooks.average_gradients,
                      Hooks.mean_over_processes, Run.triplets, Run.to_train, Run.save_policy,
                      Run.save_checkpoint),
             "eval": (Run.triplets, Run.evaluation, Run.load_policy, Run.sample),

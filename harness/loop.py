@@ -16,7 +16,7 @@ from model import compile_model
 class Hooks:
     def __init__(self, run, name):
         """run: the Run that owns out_dir; name: the checkpoint the loop makes (sft.pt, dpo.pt, ...)."""
-        self.run, self.name = run, name
+        self._run, self._checkpoint = run, name  # underscored: the code walk meets .run and .name elsewhere
         self.world, self.is_main = distributed.world_size(), distributed.is_main()
 
     def start_loop(self, model, optimizer, generator, rows=None):
@@ -24,18 +24,19 @@ class Hooks:
         forward pass, for a model to compile and wrap (none: the model runs as it is)."""
         running = model
         if rows is not None:
-            s = self.run.s
+            s = self._run.s
             if s.compile:
                 running = compile_model(model, (rows, s.block_size), s.device)
             running = distributed.wrap(running, s.device)
-        start, state = self.run.resume(self.name, model, optimizer, generator)
+        start, state = self._run.resume(self._checkpoint, model, optimizer, generator)
         return running, start, state
 
     def end_step(self, step, loss, model, optimizer, generator, **state):
         """After step `step` (counted from 0): stop on a non-finite loss; every --checkpoint_interval steps,
         save everything the loop needs to go on (state: its data position, its logs)."""
-        check_finite(loss, self.name.split("_seed")[0].removesuffix(".pt"), step)  # dpo_seed1338.pt: dpo
-        self.run.save_resume_state(self.name, step, model, optimizer, generator, **state)
+        stage = self._checkpoint.split("_seed")[0].removesuffix(".pt")  # dpo_seed1338.pt: dpo
+        check_finite(loss, stage, step)
+        self._run.save_resume_state(self._checkpoint, step, model, optimizer, generator, **state)
 
     def micro_batches(self, model, x, y, grad_accum):
         return distributed.micro_batches(model, x, y, grad_accum)

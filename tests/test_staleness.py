@@ -107,6 +107,8 @@ EDITS = {
     "loop.Hooks.mean_over_processes": ("harness.loop", "        return distributed.mean_over_processes(row)",
                                        "        return dict(distributed.mean_over_processes(row))",
                                        POLICIES + ["eval_dpo.json", "eval_adpo.json"] + REPORT),
+    "distributed.world_size": ("harness.distributed", "    return dist.get_world_size() if dist.is_initialized() else 1\n",
+                               "    return dist.get_world_size() if dist.is_initialized() else int(1)\n", AFTER_SFT),
     "OneProcess.micro_batches": ("train", "            yield x[piece], y[piece], int((y[piece] != -1).sum()) / total",
                                  "            yield x[piece], y[piece], float((y[piece] != -1).sum()) / total", []),
     # a comment, a docstring, a function nobody calls: nothing
