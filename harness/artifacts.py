@@ -85,6 +85,11 @@ def loss_code(loss):
     return codedeps.code_of(adpo.LOSSES[loss]) if loss in adpo.LOSSES else []
 
 
+def metrics_name(checkpoint):
+    """The per-step metrics of a checkpoint's training: dpo.pt -> metrics_dpo.jsonl."""
+    return f"metrics_{checkpoint.removesuffix('.pt')}.jsonl"
+
+
 def eval_name(model, seed, first_seed):
     """The evaluation of one model and seed: eval_sft.json, eval_sft_control.json, eval_dpo_seed1338.json."""
     return f"eval_{model}.json" if seed == first_seed else f"eval_{model}_seed{seed}.json"
@@ -403,7 +408,7 @@ class Run:
     def triplets(self, tok, sft_model):
         """triplets.jsonl read back and encoded (checks.load_triplets) when a step still to do reads it and it
         is there; else [] and None."""
-        wanted = ("pref" in self.stages and any(True for _ in self._to_train())) or \
+        wanted = ("pref" in self.stages and self._to_train()) or \
             ("eval" in self.stages and not self.fresh("report.json"))
         if not wanted or not os.path.isfile(self.path("triplets.jsonl")):
             return [], None
@@ -411,8 +416,12 @@ class Run:
 
     # step 3: the preference stage
 
+    def _policies(self):
+        """(loss, seed) of every policy of this command, seed by seed."""
+        return [(loss, seed) for seed in self.seeds for loss in self.losses]
+
     def _to_train(self):
-        return [(loss, seed) for seed in self.seeds for loss in self.losses
+        return [(loss, seed) for loss, seed in self._policies()
                 if not self.fresh(checkpoint_name(loss, seed, self.s.seed))]
 
     def to_train(self):
@@ -423,9 +432,9 @@ class Run:
             return
         t0, todo = time.time(), self._to_train()
         yield from todo
-        for loss, seed in [(loss, seed) for seed in self.seeds for loss in self.losses]:
+        for loss, seed in self._policies():
             name = checkpoint_name(loss, seed, self.s.seed)
-            metrics_file = f"metrics_{name.removesuffix('.pt')}.jsonl"
+            metrics_file = metrics_name(name)
             if (loss, seed) in todo or (seed != self.s.seed and os.path.isfile(self.path(metrics_file))):
                 continue
             metrics = read_checkpoint(self.path(name))["metrics"]
@@ -444,7 +453,7 @@ class Run:
     def save_policy(self, loss, seed, policy, tok, metrics):
         name = checkpoint_name(loss, seed, self.s.seed)
         self.save_checkpoint(name, policy, tok, loss=loss, pref_seed=seed, metrics=metrics)
-        self.write(f"metrics_{name.removesuffix('.pt')}.jsonl", jsonl(metrics))
+        self.write(metrics_name(name), jsonl(metrics))
         if seed == self.s.seed:
             self._curves[loss] = metrics
 
