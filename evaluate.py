@@ -48,31 +48,33 @@ def distinct2(replies):
 
 
 @torch.no_grad()
-def rows_token_logps(model, rows, batch_size, device):
-    """Per-token log-probs of (ids, labels) rows: one (T - 1,) tensor per row, 0 where labels are -1."""
+def rows_token_logps(model, rows, batch_size, dtype="float32"):
+    """Per-token log-probs of (ids, labels) rows: one (T - 1,) tensor per row, 0 where labels are -1; the
+    model computes in dtype (model.autocast), the log-probs are float32."""
+    device = model.lm_head.weight.device
     out = []
     for i in range(0, len(rows), batch_size):
         ids, labels = data.collate_rows(rows[i:i + batch_size])
-        with autocast(device):
+        with autocast(device, dtype):
             logps = adpo.token_logps(model, ids.to(device), labels.to(device)).float().cpu()
         out += list(logps)
     return out
 
 
-def reply_logps(model, prompts, replies, batch_size, device):
+def reply_logps(model, prompts, replies, batch_size, dtype="float32"):
     """log p(reply | prompt) of each (prompt ids, reply ids) pair, the reply scored exactly as given. (N,)"""
     rows = [(p + r, [-1] * len(p) + r) for p, r in zip(prompts, replies)]
-    return torch.stack([t.sum() for t in rows_token_logps(model, rows, batch_size, device)])
+    return torch.stack([t.sum() for t in rows_token_logps(model, rows, batch_size, dtype)])
 
 
-def sampled_logps(model, tok, contexts, replies, max_new_tokens, batch_size, device):
+def sampled_logps(model, tok, contexts, replies, max_new_tokens, batch_size, dtype="float32"):
     """log p(y|x) of each sampled Reply y after the prompt of its context x, scored as sampled: its ids,
     end-of-turn included only when the model sampled it. (N,)"""
     prompts = [prompt_ids(model, tok, context, False, max_new_tokens) for context in contexts]
-    return reply_logps(model, prompts, [reply.ids for reply in replies], batch_size, device)
+    return reply_logps(model, prompts, [reply.ids for reply in replies], batch_size, dtype)
 
 
-def val_scores(model, tok, human, batch_size, device):
+def val_scores(model, tok, human, batch_size, dtype="float32"):
     """log p(reply | context) and the number of tokens of each whole held-out human reply, end-of-turn
     included (data.scoring_rows cuts the context when needed, never the reply), for val_ppl."""
     block_size = model.config.block_size
@@ -82,19 +84,19 @@ def val_scores(model, tok, human, batch_size, device):
             rows.append(row)
             owner.append(i)
     logps, tokens = np.zeros(len(human)), np.zeros(len(human))
-    for i, (_, labels), t in zip(owner, rows, rows_token_logps(model, rows, batch_size, device)):
+    for i, (_, labels), t in zip(owner, rows, rows_token_logps(model, rows, batch_size, dtype)):
         logps[i] += t.sum().item()
         tokens[i] += sum(label != -1 for label in labels)
     return logps, tokens
 
 
-def val_ppl(model, tok, human, batch_size, device):
+def val_ppl(model, tok, human, batch_size, dtype="float32"):
     """Perplexity of whole held-out human replies (see val_scores)."""
-    logps, tokens = val_scores(model, tok, human, batch_size, device)
+    logps, tokens = val_scores(model, tok, human, batch_size, dtype)
     return math.exp(-logps.sum() / tokens.sum())
 
 
-def eot_logprob_after_chosen(model, enc, batch_size, device):
+def eot_logprob_after_chosen(model, enc, batch_size, dtype="float32"):
     """Mean log p(end-of-turn | x, y_w) over the triplets whose chosen reply the SFT model ended itself: does
     the model still stop where the chosen replies stop? (ADPO that lowers all text can learn not to stop.)"""
     finished = [e for e in enc if e["chosen"][-1] == data.EOT_ID]
@@ -102,7 +104,7 @@ def eot_logprob_after_chosen(model, enc, batch_size, device):
         return None  # no value: JSON has no nan
     rows = [(e["prompt"] + e["chosen"], [-1] * (len(e["prompt"]) + len(e["chosen"]) - 1) + [data.EOT_ID])
             for e in finished]
-    return float(np.mean([t.sum().item() for t in rows_token_logps(model, rows, batch_size, device)]))
+    return float(np.mean([t.sum().item() for t in rows_token_logps(model, rows, batch_size, dtype)]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,13 +200,13 @@ def evaluate(s, model, sft_model, tok, sets, seed, name, enc=None, sample=sample
         units[f"wordlist_toxicity_{group}"] = per_context(wordlist_judge(texts))
 
     # coherence: the held-out human replies, and the sampled replies under the SFT model
-    human_logps, human_tokens = val_scores(model, tok, sets["human"], s.sample_batch_size, s.device)
+    human_logps, human_tokens = val_scores(model, tok, sets["human"], s.sample_batch_size, s.dtype)
     units["val_ppl"] = (-human_logps, human_tokens)  # per human reply
     contexts = [c for group in ("adversarial", "normal")
                 for c, rs in zip(sets[group], replies[group]) for _ in rs]
     flat = [x for group in ("adversarial", "normal") for rs in replies[group] for x in rs]
     score = lambda m, cs: sampled_logps(m, tok, cs, flat, s.max_new_tokens, s.sample_batch_size,  # noqa: E731
-                                        s.device).numpy()
+                                        s.dtype).numpy()
     sft_logps = score(sft_model, contexts)
     units["sft_logprob_per_token"] = per_context(sft_logps, [len(x.ids) for x in flat])
     # relevance, log SFT(y|x) - log SFT(y|x') with x' another context: high when a reply fits its own
@@ -223,7 +225,7 @@ def evaluate(s, model, sft_model, tok, sets, seed, name, enc=None, sample=sample
     r["val_ppl"] = math.exp(r["val_ppl"])
     r["distinct2"] = distinct2(texts)
     if enc is not None:  # the encoded triplets
-        r["eot_logprob_after_chosen"] = eot_logprob_after_chosen(model, enc, s.sample_batch_size, s.device)
+        r["eot_logprob_after_chosen"] = eot_logprob_after_chosen(model, enc, s.sample_batch_size, s.dtype)
     return r, replies, units
 
 
@@ -315,19 +317,20 @@ REPLY_ROWS = (("chosen", "chosen", "log pi - log ref"), ("rejected", "rejected",
 
 
 @torch.no_grad()
-def token_logratios(policies, sft_model, tok, enc, triplets, n=3):
+def token_logratios(policies, sft_model, tok, enc, triplets, n=3, dtype="float32"):
     """For the first n triplets (not picked): every token of the chosen, rejected and toxic reply (end-of-turn
     included) with log pi - log ref after each trained loss, and for the toxic reply also log pi(y_t|x) -
     log tox(y_t|x), the quantity ADPO's term pushes down (for "sft", pi = ref: where that term starts)."""
     idx = range(min(n, len(enc)))
-    if not idx:
+    if not idx or not policies:
         return []
     batches = data.triplet_batches(enc, idx)
 
     def per_token(model, key):  # [[log-prob of each reply token] per triplet]
         ids, labels = batches[key]
-        device = next(model.parameters()).device
-        logps = adpo.token_logps(model, ids.to(device), labels.to(device)).float().cpu()
+        device = model.lm_head.weight.device
+        with autocast(device, dtype):
+            logps = adpo.token_logps(model, ids.to(device), labels.to(device)).float().cpu()
         return [lp[lab[1:] != -1].tolist() for lp, lab in zip(logps, labels)]
 
     ref = {key: per_token(sft_model, key) for key in ("chosen", "rejected", "toxic", "toxic_under_tox")}

@@ -288,19 +288,33 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, nothing on CPU; log-probs stay float32 (adpo.token_logps casts)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+DTYPES = ("float32", "bfloat16")  # --dtype: the precision the matmuls and attention compute in
 
 
-def compile_model(model, batch_shape, device):
+def default_dtype(device):
+    """bfloat16 on CUDA (twice float32's speed or more on every GPU since Ampere), float32 elsewhere."""
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def autocast(device, dtype="float32"):
+    """--dtype's context: with "bfloat16", autocast runs the matmuls and attention in bfloat16 on any device
+    (CUDA, CPU, MPS) while the weights, the optimizer and the log-probs stay float32 (adpo.token_logps and
+    the loss cast); with "float32", nothing; empty: the device's default."""
+    dtype = dtype or default_dtype(device)
+    assert dtype in DTYPES, f"dtype {dtype!r}: one of {', '.join(DTYPES)}"
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+def compile_model(model, batch_shape, device, dtype="float32"):
     """torch.compile(model) for training, or the model as it is, with a one-line warning, when compiling
     fails (no compiler, an unsupported GPU, an old torch)."""
     try:
         compiled = torch.compile(model)
-        # compilation happens at the first call: one forward and backward under autocast, as training runs
+        # compilation happens at the first call: one forward and backward in --dtype, as training runs
         idx = torch.zeros(batch_shape, dtype=torch.long, device=device)
-        with autocast(device):
+        with autocast(device, dtype):
             _, loss = compiled(idx, idx)
         loss.backward()
     except Exception as e:  # noqa: BLE001 -- whatever the compiler's failure, training goes on eager

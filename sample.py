@@ -33,9 +33,10 @@ def prompt_ids(model, tok, context, toxic, max_new_tokens):
 
 @torch.no_grad()
 def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature=1.0, top_k=None, top_p=None,
-                   max_new_tokens=48, seed=0, batch_size=64, progress=None):
+                   max_new_tokens=48, seed=0, batch_size=64, progress=None, dtype="float32"):
     """num_samples Replies for each context (a list of turns; any lengths batch together), the inner toxic
-    model's when toxic=True ([TOXIC] after the context). The same seed gives the same replies."""
+    model's when toxic=True ([TOXIC] after the context). The same seed gives the same replies. The model
+    computes in dtype (model.autocast)."""
     device = model.lm_head.weight.device
     prompts = [prompt_ids(model, tok, ctx, toxic, max_new_tokens) for ctx in contexts]
     flat = [p for p in prompts for _ in range(num_samples)]
@@ -43,7 +44,7 @@ def sample_replies(model, tok, contexts, toxic=False, num_samples=1, temperature
     replies = []
     bar = tqdm(total=len(flat), desc=progress, unit="reply", leave=False, disable=progress is None)
     for i in range(0, len(flat), batch_size):
-        with autocast(device):
+        with autocast(device, dtype):
             out = model.generate(flat[i:i + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, stop_token=EOT_ID, pad_token=PAD_ID, generator=generator)
         for ids in out:
@@ -64,7 +65,7 @@ def as_replies(rows):
 def sampling_settings(s, **extra):
     """The keyword arguments of sample_replies from train.py's settings (triplets and evaluation)."""
     return dict(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                batch_size=s.sample_batch_size, **extra)
+                batch_size=s.sample_batch_size, dtype=s.dtype, **extra)
 
 
 if __name__ == "__main__":  # the command line (tools/chat.py), as `python sample.py ...`

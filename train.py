@@ -40,7 +40,8 @@ class Settings:
     out_dir: str = "out"  # everything a run writes goes here
     stages: str = "sft,triplets,pref,eval"  # the stages to run, in this order
     seed: int = 1337
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # or cpu, mps (a Mac), cuda:1, ...
+    dtype: str = ""  # float32 | bfloat16 (mixed precision: model.autocast); empty: bfloat16 on CUDA
     compile: bool = torch.cuda.is_available()  # torch.compile the SFT model (falls back to eager if it fails)
     # data
     data: str = ""  # a JSONL file of conversations (schema in the README); empty: the chitchat corpus
@@ -179,7 +180,7 @@ def train_sft(s, tok, conversations, hooks=None):
             for xs, ys in zip(x.split(rows), y.split(rows)):  # no more rows in a forward than in training
                 n = int((ys != -1).sum())
                 if n:
-                    with autocast(s.device):
+                    with autocast(s.device, s.dtype):
                         loss += raw_model(xs.to(s.device), ys.to(s.device))[1].item() * n
             losses.append(loss / max(total, 1))
         model.train()
@@ -196,7 +197,7 @@ def train_sft(s, tok, conversations, hooks=None):
             group["lr"] = lr
         x, y = data.get_sft_batch(train_stream, s.batch_size, s.block_size, generator)  # the global batch
         for xs, ys, weight in hooks.micro_batches(model, x, y, s.grad_accum):  # this process's pieces
-            with autocast(s.device):
+            with autocast(s.device, s.dtype):
                 _, loss = model(data.to_device(xs, s.device), data.to_device(ys, s.device))
             (loss * weight).backward()  # a piece without targets: its loss is nan, its gradient 0
             if weight:
@@ -296,7 +297,7 @@ def reference_logps(s, model, enc):
     out = {name: [] for name in names.values()}
     for i in range(0, len(enc), s.pref_batch_size):
         b = data.triplet_batches(enc, range(i, min(i + s.pref_batch_size, len(enc))))
-        with autocast(s.device):
+        with autocast(s.device, s.dtype):
             logps = adpo.concatenated_logps(model, [tuple(t.to(s.device) for t in b[k]) for k in names])
         for name, lp in zip(names.values(), logps):
             out[name].append(lp.float().cpu())
@@ -337,7 +338,7 @@ def train_preference(s, loss_name, sft_model, enc, ref, seed, hooks=None):
         lr = get_lr(it, s.pref_warmup_iters, s.pref_iters, s.pref_lr, s.pref_lr)  # warmup, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(s.device):
+        with autocast(s.device, s.dtype):
             logps = policy_logps(s, policy, enc, idx)
         batch_ref = {k: v[idx].to(s.device) for k, v in ref.items()}
         loss_of = lambda lp: adpo.call_loss(loss_name, {**lp, **batch_ref, **hyper}).mean()  # noqa: E731
@@ -370,7 +371,7 @@ def final_pass(s, policy, enc, ref):
     """Over every triplet after training: the change of log pi(y_w|x) from the SFT model, and the accuracy."""
     chosen, rejected = [], []
     for i in range(0, len(enc), s.pref_batch_size):
-        with autocast(s.device):
+        with autocast(s.device, s.dtype):
             lp = policy_logps(s, policy, enc, range(i, min(i + s.pref_batch_size, len(enc))))
         chosen.append(lp["policy_chosen_logps"].float().cpu())
         rejected.append(lp["policy_rejected_logps"].float().cpu())
@@ -474,7 +475,7 @@ def main(argv):
                 run.evaluation(name, seed, lambda: evaluate_policy(
                     s, name, *run.load_policy(name, seed), sft_model, tok, sets, seed, enc, ref, run.sample))
         policies = {name: run.load_policy(name, s.seed)[0] for name in run.evaluated if enc is not None}
-        logratios = evaluate.token_logratios(policies, sft_model, tok, enc, triplets) if policies else []
+        logratios = evaluate.token_logratios(policies, sft_model, tok, enc, triplets, dtype=s.dtype)
         run.report(sets, triplets, logratios)  # report.json, report.md, samples.json; the table printed
     run.done()
 

@@ -42,16 +42,18 @@ from harness.loop import Hooks
 DEPENDS_ON = {
     # the tokenizer also depends on the corpus (data, max_conversations, toxic_threshold)
     "tokenizer.json": ("vocab_size",),  # and --init_from's files, by content (file_digests)
-    "sft.pt": ("seed", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size",
+    "sft.pt": ("dtype", "seed", "context_turns", "toxic_copies", "n_layer", "n_head", "n_embd", "block_size",
                "dropout", "bias", "sft_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters",
                "weight_decay", "beta1", "beta2", "grad_clip"),
-    "triplets.jsonl": ("seed", "context_turns", "toxic_threshold", "temperature", "top_k", "max_new_tokens",
-                       "sample_batch_size", "pref_contexts", "num_candidates", "toxic_retries"),
-    "pref": ("min_judge_gap", "max_new_tokens", "beta", "gamma", "eps", "pref_iters", "pref_batch_size",
-             "pref_lr", "pref_warmup_iters", "beta1", "beta2", "grad_clip", "diag_interval"),  # + loss, seed
-    "eval": ("seed", "context_turns", "toxic_threshold", "temperature", "top_k", "max_new_tokens",
+    "triplets.jsonl": ("dtype", "seed", "context_turns", "toxic_threshold", "temperature", "top_k",
+                       "max_new_tokens", "sample_batch_size", "pref_contexts", "num_candidates",
+                       "toxic_retries"),
+    "pref": ("dtype", "min_judge_gap", "max_new_tokens", "beta", "gamma", "eps", "pref_iters",
+             "pref_batch_size", "pref_lr", "pref_warmup_iters", "beta1", "beta2", "grad_clip",
+             "diag_interval"),  # + loss, seed
+    "eval": ("dtype", "seed", "context_turns", "toxic_threshold", "temperature", "top_k", "max_new_tokens",
              "sample_batch_size", "min_judge_gap", "eval_contexts", "eval_samples", "ppl_replies"),
-    "report.json": ("toxic_threshold",),  # and every model's evaluation
+    "report.json": ("dtype", "toxic_threshold"),  # and every model's evaluation
 }
 # settings that change no artifact: where and how a run goes, not what it computes (the corpus settings and
 # --loss/--seeds enter through the corpus' content and each checkpoint's own loss and seed)
@@ -285,10 +287,11 @@ def as_json(value):
 
 
 def rng_states(generator):
-    """torch's (CUDA's too), numpy's, Python's and the batches' random states."""
+    """torch's (CUDA's or MPS's too), numpy's, Python's and the batches' random states."""
     numpy_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "mps": [torch.mps.get_rng_state()] if torch.backends.mps.is_available() else [],
             # as tensors and lists: weights_only loading takes no numpy array and no tuple of them
             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
@@ -299,6 +302,8 @@ def set_rng_states(states, generator):
     generator.set_state(states["generator"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+    if states["mps"] and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"][0])
     name, keys, *rest = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = states["python"]

@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 
 import torch
 
@@ -19,7 +20,7 @@ import data
 from data import EOT_ID, REPLIES, DataError, UserError
 from harness import distributed
 from harness.configurator import ConfigError, apply_overrides, check_rules, parse_overrides
-from model import CONV1D, GPT, GPTConfig, read_gpt2_config
+from model import CONV1D, DTYPES, GPT, GPTConfig, autocast, default_dtype, read_gpt2_config
 
 
 class CheckpointError(UserError):
@@ -70,9 +71,14 @@ def get_settings(argv, defaults, presets):
         raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(presets)}")
     s = apply_overrides(defaults, {k: str(v) for k, v in presets[preset].items()})
     s = apply_overrides(s, overrides)
-    s = dataclasses.replace(s, preset=preset)
+    s = dataclasses.replace(with_dtype(s), preset=preset)
     check_settings(s)
     return s
+
+
+def with_dtype(s):
+    """Settings s with an empty --dtype made the device's default (model.default_dtype)."""
+    return dataclasses.replace(s, dtype=s.dtype or default_dtype(s.device))
 
 
 def load_corpus(s):
@@ -105,13 +111,38 @@ def check_settings(s):
         raise ConfigError(f"--n_embd={s.n_embd} must be a multiple of --n_head={s.n_head}")
     if s.max_new_tokens >= s.block_size:
         raise ConfigError(f"--max_new_tokens={s.max_new_tokens} must be below --block_size={s.block_size}")
-    check_device(s.device)
+    check_device(s.device, s.dtype)
     distributed.check_batches(s.batch_size, s.grad_accum, s.pref_batch_size)  # under torchrun
 
 
-def check_device(device):
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but CUDA is not available")
+def check_device(device, dtype="float32"):
+    """A device torch can use here (cpu, cuda, cuda:N, mps), and a --dtype it computes in: else one line."""
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except RuntimeError:
+        raise ConfigError(f"--device={device}: not a device (cpu, cuda, cuda:N or mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={device} but CUDA is not available")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"--device={device} but this machine has {torch.cuda.device_count()} GPU(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device={device} but MPS is not available (it needs a Mac with Apple silicon "
+                          "and a torch built with MPS: torch.backends.mps.is_available())")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device={device}: not supported (cpu, cuda, cuda:N or mps)")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype}: one of {', '.join(DTYPES)}")
+    if dtype != "float32":  # one matmul under autocast: an older GPU or macOS may lack the dtype
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # autocast warns, and computes in float32, where unsupported
+                x = torch.ones(8, 8, device=device)
+                with autocast(device, dtype):
+                    (x @ x).sum().item()
+        except Exception as e:  # noqa: BLE001 -- whatever the reason, the same advice
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise ConfigError(f"--dtype={dtype} is not supported on {device} ({reason}); "
+                              "use --dtype=float32") from None
 
 
 def check_out_dir(out_dir):

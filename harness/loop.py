@@ -26,7 +26,7 @@ class Hooks:
         if rows is not None:
             s = self._run.s
             if s.compile:
-                running = compile_model(model, (rows, s.block_size), s.device)
+                running = compile_model(model, (rows, s.block_size), s.device, s.dtype)
             running = distributed.wrap(running, s.device)
         start, state = self._run.resume(self._checkpoint, model, optimizer, generator)
         return running, start, state

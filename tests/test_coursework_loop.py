@@ -163,7 +163,7 @@ def test_curves_show_every_loss(monkeypatch, tmp_path):
 
 def test_a_report_without_a_value_is_still_json(tmp_path):
     """eot_logprob_after_chosen has no value when no chosen reply ended by itself: null, never nan."""
-    assert evaluate.eot_logprob_after_chosen(None, [{"prompt": [5], "chosen": [6, 7]}], 4, "cpu") is None
+    assert evaluate.eot_logprob_after_chosen(None, [{"prompt": [5], "chosen": [6, 7]}], 4) is None
     section = reports.summarize([({"eot_logprob_after_chosen": None, "x": 1.0}, {})] * 2)
     assert section["eot_logprob_after_chosen"] is None
     text = json.dumps(section, allow_nan=False)

@@ -28,7 +28,7 @@ def test_val_ppl_scores_whole_human_replies(tiny_gpt, token_loop_logp, tok):
     prompt = data.context_ids(tok, context)
     assert 48 < len(reply_ids) < 128 - len(prompt)  # longer than the presets' max_new_tokens, fits in the block
     expected = math.exp(-token_loop_logp(model, prompt, reply_ids) / len(reply_ids))
-    assert evaluate.val_ppl(model, tok, [(context, reply)], 8, "cpu") == pytest.approx(expected, rel=1e-4)
+    assert evaluate.val_ppl(model, tok, [(context, reply)], 8) == pytest.approx(expected, rel=1e-4)
     # longer than the block: windows of at most 128 tokens, every token scored once
     long_reply = reply * 3
     long_ids = data.encode(tok, long_reply) + [data.EOT_ID]
@@ -38,7 +38,7 @@ def test_val_ppl_scores_whole_human_replies(tiny_gpt, token_loop_logp, tok):
         b = min(a + 64, len(seq))
         total += token_loop_logp(model, seq[max(0, b - 128):a], seq[a:b])
     expected = math.exp(-total / len(long_ids))
-    assert evaluate.val_ppl(model, tok, [(context, long_reply)], 8, "cpu") == pytest.approx(expected, rel=1e-4)
+    assert evaluate.val_ppl(model, tok, [(context, long_reply)], 8) == pytest.approx(expected, rel=1e-4)
 
 
 def test_evasion_and_distinct2_on_known_strings():

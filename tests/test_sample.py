@@ -60,7 +60,7 @@ def test_sampled_replies_are_scored_exactly_as_sampled(tiny_gpt, token_loop_logp
     for i in (finished, cut):
         reply, prompt = replies[i], prompt_ids(model, tok, contexts[i], False, 10)
         expected = token_loop_logp(model, prompt, reply.ids)
-        scored = evaluate.sampled_logps(model, tok, [contexts[i]], [reply], 10, 8, "cpu")
+        scored = evaluate.sampled_logps(model, tok, [contexts[i]], [reply], 10, 8)
         assert scored.item() == pytest.approx(expected, abs=1e-4)
         # the same reply as the chosen and the toxic reply of a triplet
         t = {"context": contexts[i]}

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import data
 import evaluate
@@ -17,6 +18,7 @@ import train
 from conftest import cli, copy_source, get_settings
 from harness import checks, reports
 from harness.configurator import ConfigError
+from model import GPT
 from tools import chat, stress, sweep
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -64,6 +66,47 @@ def test_tiny_pipeline_writes_all_reports(tiny_run):
         assert os.path.isfile(os.path.join(tiny_run, name)), name
     first = json.loads(open(os.path.join(tiny_run, "metrics_dpo.jsonl")).readline())
     assert first["loss"] == pytest.approx(LN2, abs=1e-3)  # pi = ref at step 0
+
+
+def test_the_bf16_pipeline_on_cpu(tiny_run, tmp_path, monkeypatch):
+    """--dtype=bfloat16 on CPU, every stage: each forward of the model (SFT steps and validation, sampling,
+    reference and policy log-probs, the evaluation, the report's token log-ratios) runs under bf16 autocast;
+    pi = ref at step 0 within 1e-3 nats (the stated tolerance: the same weights and kernels score each row,
+    in eval mode for the reference and in train mode without dropout for the policy); the report is written
+    and finite; the numbers are bf16's, not float32's; and the float32 run's command finds every file stale."""
+    seen = []
+
+    def recording(forward):
+        def wrapped(self, *args, **kwargs):
+            seen.append((forward.__name__, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return forward(self, *args, **kwargs)
+        return wrapped
+    for name in ("forward", "_forward_sampling"):
+        monkeypatch.setattr(GPT, name, recording(getattr(GPT, name)))
+    out_dir = str(tmp_path / "bf16")
+    result = cli(train.main, "--preset=tiny", "--dtype=bfloat16", f"--out_dir={out_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {f for f, _, _ in seen} == {"forward", "_forward_sampling"}
+    assert {(on, dtype) for _, on, dtype in seen} == {(True, torch.bfloat16)}, "a forward outside bf16"
+
+    report = json.load(open(os.path.join(out_dir, "report.json")))
+    assert report["settings"]["dtype"] == "bfloat16"
+    for section in ("sft", "dpo", "adpo"):
+        for key in reports.SECTION_KEYS:
+            assert math.isfinite(report[section][key]), (section, key)
+    for loss in ("dpo", "adpo"):
+        first = json.loads(open(os.path.join(out_dir, f"metrics_{loss}.jsonl")).readline())
+        for reply in ("chosen", "rejected", "toxic"):
+            assert abs(first[f"logratio/{reply}"]) <= 1e-3, (loss, reply, first)
+        if loss == "dpo":
+            assert first["loss"] == pytest.approx(LN2, abs=1e-3)
+    # the same run in float32 (tiny_run): close, but not the same numbers
+    bf16, fp32 = (json.loads(open(os.path.join(d, "metrics_sft.jsonl")).readlines()[-1])["loss"]
+                  for d in (out_dir, tiny_run))
+    assert bf16 != fp32 and abs(bf16 - fp32) < 0.1, (bf16, fp32)
+
+    message = cli(train.main, "--preset=tiny", f"--out_dir={out_dir}", "--stages=eval").stderr
+    assert "sft.pt" in message and "is stale" in message, message
 
 
 def test_two_seeds_give_intervals_with_training_noise_and_paired_differences(tiny_run):
@@ -131,6 +174,10 @@ def test_sample_cli(tiny_run):
     (["--beta=0"], "--beta must be positive"),
     (["--gamma=-0.1"], "--gamma must be at least 0, got -0.1"),  # 0 is DPO; below it, ADPO rewards y_t
     (["--preset=huge"], "unknown preset 'huge'"),
+    (["--dtype=float16"], "--dtype=float16: one of float32, bfloat16"),
+    (["--device=gpu"], "--device=gpu: not a device (cpu, cuda, cuda:N or mps)"),
+    pytest.param(["--device=mps"], "--device=mps but MPS is not available",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
 ])
 def test_bad_settings_stop_with_one_line(tmp_path, args, message):
     out_dir = tmp_path / "out"

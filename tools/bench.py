@@ -10,8 +10,8 @@ How fast is it? One command measures, on whatever device is present, and prints 
   pref      the time of one DPO step and one ADPO step on the same triplets (ADPO scores one more reply)
 
 It prints a table and writes every number to --out (out/bench.json by default). Batches are random token
-ids already on the device: the model is measured, not the data pipeline. On CUDA everything runs under bf16
-autocast, as train.py does.
+ids already on the device: the model is measured, not the data pipeline. Everything computes in --dtype, as
+train.py does (bfloat16 autocast on CUDA by default, float32 elsewhere; --dtype=bfloat16 on CPU too).
 """
 
 import json
@@ -25,13 +25,15 @@ import torch
 import adpo
 import data
 from harness import run_main
+from harness.checks import check_device, with_dtype
 from harness.configurator import ConfigError, apply_overrides, parse_overrides
 from model import GPT, GPTConfig, autocast, compile_model, peak_flops
 
 
 @dataclass
 class BenchSettings:
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # or mps, cuda:1, ...
+    dtype: str = ""  # float32 | bfloat16 (model.autocast); empty: bfloat16 on CUDA, else float32
     out: str = "out/bench.json"  # where the numbers are written
     compile: bool = torch.cuda.is_available()  # also measure the compiled SFT step (slow to compile on CPU)
     # the model: the gpu preset's (train.py)
@@ -66,9 +68,8 @@ def get_settings(argv):
     b = apply_overrides(BenchSettings(), {k: v for k, v in overrides.items() if k == "device"})
     if not b.device.startswith("cuda"):
         b = apply_overrides(b, {k: str(v) for k, v in CPU_SHAPES.items()})
-    b = apply_overrides(b, overrides)
-    if b.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but CUDA is not available")
+    b = with_dtype(apply_overrides(b, overrides))
+    check_device(b.device, b.dtype)
     if b.prompt_len + b.new_tokens > b.block_size or b.prompt_len + b.reply_len > b.block_size:
         raise ConfigError(f"--prompt_len plus --new_tokens (or --reply_len) must fit in "
                           f"--block_size={b.block_size}")
@@ -78,17 +79,23 @@ def get_settings(argv):
     return b
 
 
-def seconds(fn, device, repeat=1):
-    """Wall time of one call of fn(), from `repeat` calls in a row. CUDA runs asynchronously: the clock is
-    read after torch.cuda.synchronize(), so the time is the GPU's work; in between, the CPU queues the next
-    call while the GPU works, as in training, so the launches' overhead is hidden as it is there."""
+def synchronize(device):
+    """Wait for the GPU's queued work (CUDA and MPS run asynchronously; a CPU has nothing queued)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+def seconds(fn, device, repeat=1):
+    """Wall time of one call of fn(), from `repeat` calls in a row. A GPU runs asynchronously: the clock is
+    read after synchronize(), so the time is the GPU's work; in between, the CPU queues the next call while
+    the GPU works, as in training, so the launches' overhead is hidden as it is there."""
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - t0) / repeat
 
 
@@ -119,12 +126,12 @@ def bench_sft(b, compiled):
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), b.device)
     x = torch.randint(data.ENDOFTEXT_ID + 1, b.vocab_size, (b.batch_size, b.block_size), device=b.device)
     y = torch.roll(x, -1, dims=1)
-    net = compile_model(model, (b.batch_size, b.block_size), b.device) if compiled else model
+    net = compile_model(model, (b.batch_size, b.block_size), b.device, b.dtype) if compiled else model
     if compiled and net is model:
         return None
 
     def step():
-        with autocast(b.device):
+        with autocast(b.device, b.dtype):
             _, loss = net(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -145,7 +152,7 @@ def bench_sampling(b):
     generator = torch.Generator(device=b.device).manual_seed(b.seed)
 
     def run(use_cache):
-        with autocast(b.device):
+        with autocast(b.device, b.dtype):
             model.generate(prompts, b.new_tokens, use_cache=use_cache, generator=generator)
 
     times = seconds_per_call([lambda: run(False), lambda: run(True)], b.sample_runs, 1, b.device)
@@ -171,7 +178,7 @@ def bench_pref(b):
     refs = {"ref_chosen_logps": zeros, "ref_rejected_logps": zeros, "toxic_model_toxic_logps": zeros}
 
     def step(loss_name, replies):
-        with autocast(b.device):
+        with autocast(b.device, b.dtype):
             logps = adpo.concatenated_logps(model, [batches[k] for k in replies])
         policy = {f"policy_{k}_logps": lp for k, lp in zip(replies, logps)}
         loss = adpo.call_loss(loss_name, {**policy, **refs, "beta": 0.1, "gamma": 0.1}).mean()
@@ -188,6 +195,8 @@ def bench_pref(b):
 def device_name(device):
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
+    if device.startswith("mps"):
+        return "Apple MPS"
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
@@ -215,11 +224,12 @@ def main(argv):
     b = get_settings(argv)
     if b.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32, as train.py (distributed.setup)
-    print(f"bench on {device_name(b.device)}, torch {torch.__version__}: {b.n_layer} layers x {b.n_embd}, "
+    print(f"bench on {device_name(b.device)}, torch {torch.__version__}, {b.dtype}: "
+          f"{b.n_layer} layers x {b.n_embd}, "
           f"block {b.block_size}, vocab {b.vocab_size}; SFT batch {b.batch_size}; "
           f"sampling batch {b.sample_batch}, prompt {b.prompt_len}, {b.new_tokens} new tokens; "
           f"preference batch {b.pref_batch_size}")
-    r = {"device": device_name(b.device), "torch": torch.__version__,
+    r = {"device": device_name(b.device), "torch": torch.__version__, "dtype": b.dtype,
          "peak_flops": peak_flops() if b.device.startswith("cuda") else None, "settings": asdict(b)}
     r["sft"] = {"eager": bench_sft(b, compiled=False),
                 "compiled": bench_sft(b, compiled=True) if b.compile else None}

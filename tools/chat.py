@@ -21,7 +21,7 @@ import torch
 
 from data import context_ids
 from harness import run_main
-from harness.checks import SAMPLE_RULES, RunError, check_device, load_checkpoint
+from harness.checks import SAMPLE_RULES, RunError, check_device, load_checkpoint, with_dtype
 from harness.configurator import ConfigError, apply_overrides, check_rules, parse_overrides
 from sample import sample_replies
 
@@ -37,7 +37,8 @@ class SampleSettings:
     top_p: Optional[float] = None  # nucleus sampling (none: off)
     max_new_tokens: int = 48  # longest reply, in tokens
     seed: int = 1337
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # or mps (a Mac), cuda:1, ...
+    dtype: str = ""  # float32 | bfloat16 (model.autocast); empty: bfloat16 on CUDA, else float32
     compare: str = ""  # checkpoints in out_dir side by side, e.g. sft,dpo,adpo (--toxic adds sft + [TOXIC])
     out_dir: str = "out"  # where --compare finds its checkpoints
     chat: bool = False  # talk with --checkpoint turn by turn (/toxic, /reset, /quit); stdin, piped or not
@@ -50,7 +51,8 @@ def replies_kwargs(s, model):
     if s.max_new_tokens > model.config.block_size - 2:  # room for a reply, one context token and [TOXIC]
         raise ConfigError(f"--max_new_tokens={s.max_new_tokens} leaves no room for a context in the block of "
                           f"{model.config.block_size} tokens")
-    return dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens)
+    return dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                dtype=s.dtype)
 
 
 def shown(reply):
@@ -146,8 +148,9 @@ def chat(s):
 
 def main(argv):
     s = apply_overrides(SampleSettings(), parse_overrides([a if "=" in a else a + "=true" for a in argv]))
+    s = with_dtype(s)
     check_rules(s, SAMPLE_RULES)
-    check_device(s.device)
+    check_device(s.device, s.dtype)
     context = [t.strip() for t in s.prompt.split(" | ") if t.strip()]
     if s.chat:
         return chat(s)

@@ -46,7 +46,7 @@ def stress_run(ps, loss, seed, enc, ref, human, sft_model, tok, run):
         policy, metrics = train.train_preference(ps, loss, sft_model, enc, ref, seed, run.hooks(loss))
     except checks.RunError as e:
         return {"broken": str(e), "metrics": []}
-    return {"val_ppl": evaluate.val_ppl(policy, tok, human, ps.sample_batch_size, ps.device),
+    return {"val_ppl": evaluate.val_ppl(policy, tok, human, ps.sample_batch_size, ps.dtype),
             **evaluate.stability(metrics), "metrics": metrics}
 
 
