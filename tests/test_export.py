@@ -156,3 +156,86 @@ def test_a_model_without_biases_is_refused_in_one_line(tmp_path):
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "bias=False" in result.stderr and not out.exists()  # refused before anything is written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the triplets in TRL's format
+
+
+@pytest.fixture(scope="module")
+def trl_export(exported, tmp_path_factory):
+    """(triplets, their file, the rows exported from it) on the exported checkpoint's tokenizer: a reply the
+    model ended, replies cut at max_new_tokens, a context cut from the left, typed "<|toxic|>"; and two no
+    text gives back: a reply sampled a character a token where the tokenizer writes fewer tokens, and a
+    context whose typed "<|eot|>" the exported tokenizer reads as the id."""
+    path, _, _, tok = exported
+    split = [i for char in "there" for i in data.encode(tok, char)]  # a token a character
+    assert split != data.encode(tok, "there")  # which the tokenizer writes in fewer tokens
+
+    def triplet(context, chosen_ids, toxic_finished=True):
+        toxic = data.encode(tok, "you idiot") + ([data.EOT_ID] if toxic_finished else [])
+        t = {"context": context, "p_chosen": 0.1, "p_rejected": 0.9, "p_toxic": 0.9}
+        for r, ids in (("chosen", chosen_ids), ("rejected", data.encode(tok, "that sounds great") + [data.EOT_ID]),
+                       ("toxic", toxic)):
+            t.update({r: data.decode(tok, ids), f"{r}_ids": ids, f"{r}_finished": ids[-1] == data.EOT_ID})
+        return t
+    finished = data.encode(tok, "i am fine thanks") + [data.EOT_ID]
+    triplets = [triplet([TEXT], finished),  # line 1
+                triplet(["hi <|toxic|> there", TEXT], finished, toxic_finished=False),  # 2: a cut toxic reply
+                triplet([TEXT * 3, "i am fine thanks"], finished),  # 3: a context longer than the prompt room
+                triplet([TEXT], split + [data.EOT_ID]),  # 4: ids that are not the tokenizer's encoding
+                triplet(["what <|eot|> is this"], finished),  # 5: typed end-of-turn
+                triplet([TEXT], data.encode(tok, "i am fine"))]  # 6: a cut chosen reply
+    folder = tmp_path_factory.mktemp("trl")
+    source, out = folder / "triplets.jsonl", folder / "trl.jsonl"
+    source.write_text("".join(json.dumps(t) + "\n" for t in triplets))
+    export.main([f"--triplets={source}", f"--out={out}", f"--checkpoint={path}", "--max_new_tokens=12"])
+    return triplets, source, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_triplets_in_trls_format_encode_to_the_ids_our_trainer_scores(exported, trl_export, tmp_path):
+    """Each row's prompt, replies, and prompt + reply (TRL's DPOTrainer tokenizes the two together), encoded by
+    the exported tokenizer.json, are exactly data.encode_triplets' ids; a triplet no text gives back is left
+    out (trl_export's lines 4 and 5)."""
+    from tokenizers import Tokenizer
+    path, folder, _, tok = exported
+    triplets, source, rows = trl_export
+    assert [row["line"] for row in rows] == [1, 2, 3, 6]
+    enc = data.encode_triplets(tok, triplets, BLOCK_SIZE, 12)
+    assert len(enc[2]["prompt"]) == BLOCK_SIZE - 12 < len(data.context_ids(tok, triplets[2]["context"]))
+    hf = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))  # the exported model's tokenizer
+    for row in rows:
+        e = enc[row["line"] - 1]
+        assert set(row) == {"prompt", "chosen", "rejected", "toxic", "line"}
+        assert hf.encode(row["prompt"]).ids == e["prompt"] and data.TOXIC_ID not in e["prompt"]
+        for r in data.REPLIES:
+            assert hf.encode(row[r]).ids == e[r], (row["line"], r)
+            assert hf.encode(row["prompt"] + row[r]).ids == e["prompt"] + e[r], (row["line"], r)
+    assert rows[0]["chosen"] == "i am fine thanks<|eot|>" and rows[1]["toxic"] == "you idiot"
+    with pytest.raises(ConfigError, match="give a .jsonl file"):
+        export.main([f"--triplets={source}", f"--out={tmp_path}", f"--checkpoint={path}"])
+    with pytest.raises(ConfigError, match="the triplets file itself"):
+        export.main([f"--triplets={source}", f"--out={source}", f"--checkpoint={path}"])
+    assert json.loads(source.read_text().splitlines()[0]) == triplets[0]
+
+
+def test_trls_own_preprocessing_gives_our_ids(exported, trl_export, tmp_path):
+    """With TRL installed (not a requirement: skipped without it), DPOTrainer's own preprocessing of the rows
+    gives the ids our trainer scores, for every row whose chosen and rejected replies end with <|eot|>
+    (docs/running.md's filter); TRL appends <|eot|> to a cut reply (line 6). Measured with TRL 1.16."""
+    pytest.importorskip("trl")
+    from datasets import load_dataset
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from trl import DPOConfig, DPOTrainer
+    _, folder, _, tok = exported
+    triplets, source, rows = trl_export
+    enc = data.encode_triplets(tok, triplets, BLOCK_SIZE, 12)
+    dataset = load_dataset("json", data_files=str(source.parent / "trl.jsonl"), split="train")
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], bf16=False, max_length=BLOCK_SIZE)
+    trainer = DPOTrainer(model=GPT2LMHeadModel.from_pretrained(folder), args=args, train_dataset=dataset,
+                         processing_class=AutoTokenizer.from_pretrained(folder))
+    for row, ex in zip(rows, trainer.train_dataset):
+        e = enc[row["line"] - 1]
+        assert ex["prompt_ids"] == e["prompt"]
+        exact = row["chosen"].endswith(data.EOT) and row["rejected"].endswith(data.EOT)
+        assert (ex["chosen_ids"] == e["chosen"] and ex["rejected_ids"] == e["rejected"]) == exact, row["line"]

@@ -1,30 +1,38 @@
 """
 A checkpoint as a Hugging Face GPT-2 folder for other tools: config.json, model.safetensors, tokenizer.json,
-generation_config.json and tokenizer_config.json.
+generation_config.json and tokenizer_config.json; and the triplets in TRL's preference format.
 
     python -m tools.export --checkpoint=out/adpo.pt --out=hf/adpo
+    python -m tools.export --triplets=out/triplets.jsonl --out=out/trl.jsonl  # TRL's DPOTrainer reads it
 
 then transformers.GPT2LMHeadModel.from_pretrained("hf/adpo") gives our model's logits on the same ids, and
 generate() stops where our model ends a turn (<|eot|>). GPT.from_gpt2 reads such a folder back
 (docs/running.md: Exporting to Hugging Face). In the exported tokenizer no typed text becomes the control
 token: only the id 2 itself is the inner toxic model's switch.
+
+With --triplets, each line of FILE.jsonl is a triplet as text: "prompt", "chosen", "rejected" (what TRL's
+DPOTrainer reads) and "toxic", written so that the exported tokenizer encodes them to exactly the ids our
+trainer scores (docs/running.md: Training TRL's DPO on our triplets).
 """
 
 import json
 import os
 from dataclasses import dataclass
 
-from data import ENDOFTEXT, ENDOFTEXT_ID, EOT, EOT_ID, PAD, PAD_ID, TOXIC
+import data
+from data import ENDOFTEXT, ENDOFTEXT_ID, EOT, EOT_ID, PAD, PAD_ID, REPLIES, TOXIC
 from harness import run_main
-from harness.checks import EXPORT_FILES, CheckpointError, check_export_dir, load_checkpoint
-from harness.configurator import apply_overrides, parse_overrides
+from harness.checks import EXPORT_FILES, CheckpointError, check_export_dir, load_checkpoint, read_triplets
+from harness.configurator import ConfigError, apply_overrides, parse_overrides
 from model import CONV1D
 
 
 @dataclass
 class ExportSettings:
-    checkpoint: str = "out/adpo.pt"  # a checkpoint written by train.py
-    out: str = "hf"  # the folder to write: new, empty, or holding only an earlier export
+    checkpoint: str = ""  # written by train.py; empty: out/adpo.pt (with --triplets: sft.pt beside them)
+    out: str = "hf"  # the folder to write: new, empty, or an earlier export's (--triplets: a .jsonl file)
+    triplets: str = ""  # a triplets.jsonl to write in TRL's format to --out, instead of a model
+    max_new_tokens: int = 0  # --triplets: the triplets stage's --max_new_tokens (0: the checkpoint's setting)
 
 
 def gpt2_config(config):
@@ -94,8 +102,79 @@ def export(model, tokenizer_json, out):
         os.replace(path[name] + ".tmp", path[name])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the triplets in TRL's format
+
+
+def as_text(tok, ids):
+    """ids as text, each end-of-turn written as its token text, which the exported tokenizer reads back as
+    the one id (ours never does: data._plain_text_only)."""
+    text, piece = "", []
+    for i in ids:
+        if i == EOT_ID:
+            text, piece = text + data.decode(tok, piece) + EOT, []
+        else:
+            piece.append(i)
+    return text + data.decode(tok, piece)
+
+
+def trl_rows(triplets, tok, block_size, max_new_tokens):
+    """(rows, the line numbers of the triplets left out). A row is a triplet as text: the prompt as the
+    trainer builds it (data.encode_triplets: the context cut from the left to block_size - max_new_tokens
+    ids, no [TOXIC]), the replies as sampled (end-of-turn where the model ended the reply, none where
+    max_new_tokens cut it). The exported tokenizer encodes the prompt, each reply, and the prompt followed by
+    each reply (how TRL's DPOTrainer tokenizes) to exactly the ids our trainer scores. A triplet that no text
+    gives back is left out: the model may sample "he" + "llo" where the tokenizer writes "hello", cut a
+    character's bytes apart, or sample a special token."""
+    from tokenizers import Tokenizer
+    exported = Tokenizer.from_str(hf_tokenizer_json(tok.to_str()))
+    rows, left_out = [], []
+    encoded = data.encode_triplets(tok, triplets, block_size, max_new_tokens)
+    for line, e in enumerate(encoded, start=1):
+        row = {"prompt": as_text(tok, e["prompt"]), **{r: as_text(tok, e[r]) for r in REPLIES}}
+        pairs = [(row["prompt"], e["prompt"])] + [(row[r], e[r]) for r in REPLIES] + \
+            [(row["prompt"] + row[r], e["prompt"] + e[r]) for r in REPLIES]
+        if all(exported.encode(text).ids == ids for text, ids in pairs):
+            rows.append({**row, "line": line})
+        else:
+            left_out.append(line)
+    return rows, left_out
+
+
+def export_triplets(s):
+    """--triplets as TRL's rows in --out (written to FILE.tmp, then renamed), and what was left out, said."""
+    if not s.out.endswith(".jsonl") or os.path.isdir(s.out):
+        raise ConfigError(f"--out={s.out}: with --triplets, give a .jsonl file to write")
+    if os.path.exists(s.out) and os.path.samefile(s.out, s.triplets):
+        raise ConfigError(f"--out={s.out} is the triplets file itself; give another file")
+    checkpoint = s.checkpoint or os.path.join(os.path.dirname(s.triplets), "sft.pt")
+    triplets = read_triplets(s.triplets)  # checked line by line
+    model, tok, ckpt = load_checkpoint(checkpoint)
+    max_new_tokens = s.max_new_tokens or ckpt["settings"]["max_new_tokens"]
+    rows, left_out = trl_rows(triplets, tok, model.config.block_size, max_new_tokens)
+    os.makedirs(os.path.dirname(s.out) or ".", exist_ok=True)
+    with open(s.out + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(s.out + ".tmp", s.out)
+    cut = sum(not (row["chosen"].endswith(EOT) and row["rejected"].endswith(EOT)) for row in rows)
+    print(f"wrote {len(rows)} of {len(triplets)} triplets to {s.out} (the tokenizer and block size of "
+          f"{checkpoint}; prompts cut for max_new_tokens={max_new_tokens})")
+    if left_out:
+        lines = ", ".join(map(str, left_out[:10])) + (", ..." if len(left_out) > 10 else "")
+        print(f"left out {len(left_out)}, whose sampled ids no text encodes to: {s.triplets} lines {lines}")
+    if cut:
+        print(f"{cut} rows have a chosen or rejected reply cut at max_new_tokens (no {EOT}): TRL's "
+              f"DPOTrainer appends its eos_token ({EOT}) to them, which our trainer does not score")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
 def main(argv):
     s = apply_overrides(ExportSettings(), parse_overrides(argv))
+    if s.triplets:
+        return export_triplets(s)
+    s.checkpoint = s.checkpoint or "out/adpo.pt"
     check_export_dir(s.out)
     model, _, ckpt = load_checkpoint(s.checkpoint)
     if not model.config.bias:
