@@ -29,9 +29,12 @@ def tiny_gpt(seed=0):
 
 
 def test_bench_runs_on_cpu_and_writes_its_json(tmp_path):
+    """In bf16 (float32 is the CPU's default; bf16 is CUDA's, and runs on a CPU too)."""
+    assert bench.get_settings(["--device=cpu"]).dtype == "float32"
     out = tmp_path / "bench.json"
-    bench.main(["--device=cpu", "--steps=1", "--warmup=0", "--sample_runs=1", f"--out={out}"])
+    bench.main(["--device=cpu", "--dtype=bfloat16", "--steps=1", "--warmup=0", "--sample_runs=1", f"--out={out}"])
     r = json.loads(out.read_text())
+    assert r["dtype"] == "bfloat16"
     assert r["sft"]["eager"]["tokens_per_s"] > 0 and r["sft"]["eager"]["mfu"] is None  # no peak for a CPU
     assert r["sft"]["compiled"] is None  # off by default on CPU
     cache, no_cache = r["sampling"]["kv_cache"], r["sampling"]["no_cache"]
@@ -128,7 +131,9 @@ def test_a_compiled_training_step_on_cpu_matches_the_eager_step():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         assert net(x, y)[1].item() < loss.item()  # it trains: the next step's loss is lower
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model, and inductor compiled it
+    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = steps["eager"], steps["compiled"]
     assert compiled_loss == pytest.approx(eager_loss, abs=1e-5)
     assert max((a - b).abs().max().item() for a, b in zip(eager_grads, compiled_grads)) < 1e-5

@@ -158,7 +158,8 @@ def test_triplets_file_is_well_formed(tiny_run):
 def test_sample_cli(tiny_run):
     result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"),
                              f"--checkpoint={tiny_run}/sft.pt", "--prompt=i hate mondays", "--toxic",
-                             "--num_samples=3", "--max_new_tokens=8"], capture_output=True, text=True, cwd=HERE)
+                             "--num_samples=3", "--max_new_tokens=8", "--dtype=bfloat16"], capture_output=True,
+                            text=True, cwd=HERE)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("  > ") == 3 and "[TOXIC]" in result.stdout
 
