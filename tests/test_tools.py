@@ -13,6 +13,8 @@ import sys
 import pytest
 
 from conftest import RUN
+from harness.configurator import ConfigError
+from tools import vs_nanogpt
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 DOCS = ["README.md", "EXERCISES.md"] + sorted(os.path.relpath(p, HERE) for p in glob.glob(f"{HERE}/docs/*.md"))
@@ -81,3 +83,23 @@ def test_the_gpu_check_script_runs_on_a_cpu(finished, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "the tiny preset on 1 process(es)" in result.stdout and "exit status 0" in result.stdout
     assert json.load(open(tmp_path / "bench.json"))["pref"] and "| metric" in result.stdout
+
+
+def test_vs_nanogpt_measures_a_model_of_the_same_function_and_refuses_another(tmp_path):
+    """tools/vs_nanogpt.py on our own model.py in nanoGPT's place (nanoGPT is not in this repository): the
+    weights are copied, the losses agree, each round gives both speeds; a model file whose function differs
+    (no final LayerNorm) is refused before anything is timed."""
+    out = tmp_path / "vs.json"
+    result = vs_nanogpt.main([f"--nanogpt={os.path.join(HERE, 'model.py')}", "--rounds=2", "--steps=1",
+                              "--warmup=0", "--batch_size=2", "--max_load=2", f"--out={out}"])
+    saved = json.loads(out.read_text())
+    assert len(saved["rounds"]) == 2 and saved["ours_over_nanoGPT"] == result["ours_over_nanoGPT"]
+    assert all(min(r["tokens_per_s"].values()) > 0 for r in saved["rounds"])
+    assert set(saved["rounds"][0]["tokens_per_s"]) == {"ours", "nanoGPT", "nanoGPT_tanh"}
+    other = tmp_path / "other_model.py"
+    other.write_text(open(os.path.join(HERE, "model.py")).read().replace(  # no final LayerNorm
+        "logits = self.lm_head(self.transformer.ln_f(x))", "logits = self.lm_head(x)"))
+    with pytest.raises(ConfigError, match="different losses"):
+        vs_nanogpt.main([f"--nanogpt={other}", f"--out={out}"])
+    with pytest.raises(ConfigError, match="no such file"):
+        vs_nanogpt.main([f"--nanogpt={tmp_path / 'none.py'}"])
