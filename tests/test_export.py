@@ -14,6 +14,7 @@ import data
 import train
 from harness.artifacts import Run
 from harness.checks import EXPORT_FILES, check_gpt2_folder
+from data import UserError
 from harness.configurator import ConfigError
 from model import GPT, GPTConfig
 from tools import export
@@ -172,8 +173,9 @@ def trl_export(exported, tmp_path_factory):
     split = [i for char in "there" for i in data.encode(tok, char)]  # a token a character
     assert split != data.encode(tok, "there")  # which the tokenizer writes in fewer tokens
 
-    def triplet(context, chosen_ids, toxic_finished=True):
-        toxic = data.encode(tok, "you idiot") + ([data.EOT_ID] if toxic_finished else [])
+    def triplet(context, chosen_ids, toxic_finished=True):  # a cut reply: max_new_tokens = 12 tokens
+        toxic = data.encode(tok, "you idiot") + [data.EOT_ID] if toxic_finished else \
+            data.encode(tok, "you idiot, " * 4)[:12]
         t = {"context": context, "p_chosen": 0.1, "p_rejected": 0.9, "p_toxic": 0.9}
         for r, ids in (("chosen", chosen_ids), ("rejected", data.encode(tok, "that sounds great") + [data.EOT_ID]),
                        ("toxic", toxic)):
@@ -185,11 +187,11 @@ def trl_export(exported, tmp_path_factory):
                 triplet([TEXT * 3, "i am fine thanks"], finished),  # 3: a context longer than the prompt room
                 triplet([TEXT], split + [data.EOT_ID]),  # 4: ids that are not the tokenizer's encoding
                 triplet(["what <|eot|> is this"], finished),  # 5: typed end-of-turn
-                triplet([TEXT], data.encode(tok, "i am fine"))]  # 6: a cut chosen reply
+                triplet([TEXT], data.encode(tok, "i am fine thanks " * 4)[:12])]  # 6: a cut chosen reply
     folder = tmp_path_factory.mktemp("trl")
     source, out = folder / "triplets.jsonl", folder / "trl.jsonl"
-    source.write_text("".join(json.dumps(t) + "\n" for t in triplets))
-    export.main([f"--triplets={source}", f"--out={out}", f"--checkpoint={path}", "--max_new_tokens=12"])
+    source.write_text("\n" + "".join(json.dumps(t) + "\n" for t in triplets))  # a blank first line
+    export.main([f"--triplets={source}", f"--out={out}", f"--checkpoint={path}"])  # max_new_tokens: 12
     return triplets, source, [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -200,29 +202,40 @@ def test_triplets_in_trls_format_encode_to_the_ids_our_trainer_scores(exported, 
     from tokenizers import Tokenizer
     path, folder, _, tok = exported
     triplets, source, rows = trl_export
-    assert [row["line"] for row in rows] == [1, 2, 3, 6]
+    assert [row["line"] for row in rows] == [2, 3, 4, 7]  # lines of the file
     enc = data.encode_triplets(tok, triplets, BLOCK_SIZE, 12)
     assert len(enc[2]["prompt"]) == BLOCK_SIZE - 12 < len(data.context_ids(tok, triplets[2]["context"]))
     hf = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))  # the exported model's tokenizer
     for row in rows:
-        e = enc[row["line"] - 1]
+        e = enc[row["line"] - 2]
         assert set(row) == {"prompt", "chosen", "rejected", "toxic", "line"}
         assert hf.encode(row["prompt"]).ids == e["prompt"] and data.TOXIC_ID not in e["prompt"]
         for r in data.REPLIES:
             assert hf.encode(row[r]).ids == e[r], (row["line"], r)
             assert hf.encode(row["prompt"] + row[r]).ids == e["prompt"] + e[r], (row["line"], r)
-    assert rows[0]["chosen"] == "i am fine thanks<|eot|>" and rows[1]["toxic"] == "you idiot"
+    assert rows[0]["chosen"] == "i am fine thanks<|eot|>" and rows[1]["toxic"] == "you idiot, you idiot, you idiot,"
     with pytest.raises(ConfigError, match="give a .jsonl file"):
         export.main([f"--triplets={source}", f"--out={tmp_path}", f"--checkpoint={path}"])
     with pytest.raises(ConfigError, match="the triplets file itself"):
         export.main([f"--triplets={source}", f"--out={source}", f"--checkpoint={path}"])
-    assert json.loads(source.read_text().splitlines()[0]) == triplets[0]
+    assert json.loads(source.read_text().splitlines()[1]) == triplets[0]
+    for wrong in ("--max_new_tokens=16", "--min_judge_gap=0.9"):  # not the sampling's; no triplet that far apart
+        with pytest.raises(UserError, match="max_new_tokens=16, but the triplets' cut replies are 12|lower"):
+            export.main([f"--triplets={source}", f"--out={tmp_path / 'x.jsonl'}", f"--checkpoint={path}", wrong])
+    gapped = tmp_path / "gap.jsonl"  # the preference stage's selection (train.py --min_judge_gap)
+    rejected_closer = {**triplets[0], "p_rejected": 0.15}
+    source.write_text("".join(json.dumps(t) + "\n" for t in [triplets[0], rejected_closer]))
+    with pytest.raises(ConfigError, match="ended by itself"):  # no cut reply tells the prompt room
+        export.main([f"--triplets={source}", f"--out={gapped}", f"--checkpoint={path}"])
+    export.main([f"--triplets={source}", f"--out={gapped}", f"--checkpoint={path}", "--min_judge_gap=0.5",
+                 "--max_new_tokens=12"])
+    assert [json.loads(line)["line"] for line in gapped.read_text().splitlines()] == [1]
 
 
 def test_trls_own_preprocessing_gives_our_ids(exported, trl_export, tmp_path):
     """With TRL installed (not a requirement: skipped without it), DPOTrainer's own preprocessing of the rows
     gives the ids our trainer scores, for every row whose chosen and rejected replies end with <|eot|>
-    (docs/running.md's filter); TRL appends <|eot|> to a cut reply (line 6). Measured with TRL 1.16."""
+    (docs/running.md's filter); TRL appends <|eot|> to a cut reply (line 7). Measured with TRL 1.16."""
     pytest.importorskip("trl")
     from datasets import load_dataset
     from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -235,7 +248,7 @@ def test_trls_own_preprocessing_gives_our_ids(exported, trl_export, tmp_path):
     trainer = DPOTrainer(model=GPT2LMHeadModel.from_pretrained(folder), args=args, train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(folder))
     for row, ex in zip(rows, trainer.train_dataset):
-        e = enc[row["line"] - 1]
+        e = enc[row["line"] - 2]
         assert ex["prompt_ids"] == e["prompt"]
         exact = row["chosen"].endswith(data.EOT) and row["rejected"].endswith(data.EOT)
         assert (ex["chosen_ids"] == e["chosen"] and ex["rejected_ids"] == e["rejected"]) == exact, row["line"]

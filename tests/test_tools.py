@@ -18,7 +18,7 @@ from tools import vs_nanogpt
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 DOCS = ["README.md", "EXERCISES.md"] + sorted(os.path.relpath(p, HERE) for p in glob.glob(f"{HERE}/docs/*.md"))
-TOOLS = ["bench", "chat", "check_loss", "export", "stress", "sweep"]
+TOOLS = ["bench", "chat", "check_loss", "export", "stress", "sweep", "vs_nanogpt"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

@@ -257,6 +257,15 @@ def test_sweep_on_the_tiny_preset(tiny_run, tmp_path):
     assert bad.returncode != 0 and "cannot vary block_size" in bad.stderr
 
 
+def test_a_grid_cannot_vary_what_the_points_share():
+    """--dtype shapes sft.pt, the triplets and the reference log-probs every point of a sweep shares: a grid
+    over it would train a bf16 point against float32 references (pi != ref at step 0); the stress test too."""
+    for axis in ("dtype=bfloat16,float32", "max_new_tokens=8,12", "n_layer=2,4"):
+        with pytest.raises(ConfigError, match="--grid cannot vary"):
+            sweep.parse_grid(axis)
+    assert sweep.parse_grid("gamma=0.1,0.3 beta2=0.9,0.95") == {"gamma": ["0.1", "0.3"], "beta2": ["0.9", "0.95"]}
+
+
 def test_grid_points_run_dpo_once_and_drop_axes_a_loss_does_not_take():
     s = get_settings(["--preset=tiny"])
     points = sweep.grid_points(s, sweep.parse_grid("loss=dpo,adpo gamma=0.1,0.3"))

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import data
 from data import ENDOFTEXT, ENDOFTEXT_ID, EOT, EOT_ID, PAD, PAD_ID, REPLIES, TOXIC
 from harness import run_main
-from harness.checks import EXPORT_FILES, CheckpointError, check_export_dir, load_checkpoint, read_triplets
+from harness.checks import (EXPORT_FILES, CheckpointError, check_export_dir, json_lines, load_checkpoint,
+                            read_triplets)
 from harness.configurator import ConfigError, apply_overrides, parse_overrides
 from model import CONV1D
 
@@ -32,7 +33,8 @@ class ExportSettings:
     checkpoint: str = ""  # written by train.py; empty: out/adpo.pt (with --triplets: sft.pt beside them)
     out: str = "hf"  # the folder to write: new, empty, or an earlier export's (--triplets: a .jsonl file)
     triplets: str = ""  # a triplets.jsonl to write in TRL's format to --out, instead of a model
-    max_new_tokens: int = 0  # --triplets: the triplets stage's --max_new_tokens (0: the checkpoint's setting)
+    max_new_tokens: int = 0  # --triplets: the triplets stage's (0: the length of its cut replies)
+    min_judge_gap: float = 0.0  # --triplets: the preference stage's (only the triplets it trains on)
 
 
 def gpt2_config(config):
@@ -119,7 +121,7 @@ def as_text(tok, ids):
 
 
 def trl_rows(triplets, tok, block_size, max_new_tokens):
-    """(rows, the line numbers of the triplets left out). A row is a triplet as text: the prompt as the
+    """(rows, the `line` of each triplet left out). A row is a triplet as text: the prompt as the
     trainer builds it (data.encode_triplets: the context cut from the left to block_size - max_new_tokens
     ids, no [TOXIC]), the replies as sampled (end-of-turn where the model ended the reply, none where
     max_new_tokens cut it). The exported tokenizer encodes the prompt, each reply, and the prompt followed by
@@ -129,16 +131,31 @@ def trl_rows(triplets, tok, block_size, max_new_tokens):
     from tokenizers import Tokenizer
     exported = Tokenizer.from_str(hf_tokenizer_json(tok.to_str()))
     rows, left_out = [], []
-    encoded = data.encode_triplets(tok, triplets, block_size, max_new_tokens)
-    for line, e in enumerate(encoded, start=1):
+    for t, e in zip(triplets, data.encode_triplets(tok, triplets, block_size, max_new_tokens)):
         row = {"prompt": as_text(tok, e["prompt"]), **{r: as_text(tok, e[r]) for r in REPLIES}}
         pairs = [(row["prompt"], e["prompt"])] + [(row[r], e[r]) for r in REPLIES] + \
             [(row["prompt"] + row[r], e["prompt"] + e[r]) for r in REPLIES]
         if all(exported.encode(text).ids == ids for text, ids in pairs):
-            rows.append({**row, "line": line})
+            rows.append({**row, "line": t["line"]})
         else:
-            left_out.append(line)
+            left_out.append(t["line"])
     return rows, left_out
+
+
+def prompt_room(triplets, max_new_tokens):
+    """The --max_new_tokens the triplets were sampled with, which cuts the trainer's prompts: a reply the
+    model did not end is exactly that long. Given (max_new_tokens > 0), it must agree with them."""
+    cut = {len(t[f"{r}_ids"]) for t in triplets for r in REPLIES if not t[f"{r}_finished"]}
+    if len(cut) > 1:
+        raise ConfigError(f"the triplets' cut replies have {len(cut)} lengths ({min(cut)} to {max(cut)}): "
+                          "sampled with several --max_new_tokens; rerun the triplets stage")
+    if max_new_tokens and cut and cut != {max_new_tokens}:
+        raise ConfigError(f"--max_new_tokens={max_new_tokens}, but the triplets' cut replies are {cut.pop()} "
+                          "tokens long: they were sampled with that")
+    if not (max_new_tokens or cut):
+        raise ConfigError("every reply of the triplets ended by itself, so their --max_new_tokens is not "
+                          "known: give the triplets stage's as --max_new_tokens")
+    return max_new_tokens or cut.pop()
 
 
 def export_triplets(s):
@@ -148,9 +165,11 @@ def export_triplets(s):
     if os.path.exists(s.out) and os.path.samefile(s.out, s.triplets):
         raise ConfigError(f"--out={s.out} is the triplets file itself; give another file")
     checkpoint = s.checkpoint or os.path.join(os.path.dirname(s.triplets), "sft.pt")
-    triplets = read_triplets(s.triplets)  # checked line by line
-    model, tok, ckpt = load_checkpoint(checkpoint)
-    max_new_tokens = s.max_new_tokens or ckpt["settings"]["max_new_tokens"]
+    lines = [int(where.rsplit(":", 1)[1]) for where, _ in json_lines(s.triplets)]  # blank lines skipped
+    triplets = [{**t, "line": n} for t, n in zip(read_triplets(s.triplets), lines)]  # checked line by line
+    triplets = data.select_triplets(triplets, s.min_judge_gap)  # those the preference stage trains on
+    model, tok, _ = load_checkpoint(checkpoint)
+    max_new_tokens = prompt_room(triplets, s.max_new_tokens)
     rows, left_out = trl_rows(triplets, tok, model.config.block_size, max_new_tokens)
     os.makedirs(os.path.dirname(s.out) or ".", exist_ok=True)
     with open(s.out + ".tmp", "w", encoding="utf-8") as f:
@@ -158,7 +177,7 @@ def export_triplets(s):
     os.replace(s.out + ".tmp", s.out)
     cut = sum(not (row["chosen"].endswith(EOT) and row["rejected"].endswith(EOT)) for row in rows)
     print(f"wrote {len(rows)} of {len(triplets)} triplets to {s.out} (the tokenizer and block size of "
-          f"{checkpoint}; prompts cut for max_new_tokens={max_new_tokens})")
+          f"{checkpoint}; prompts cut for max_new_tokens={max_new_tokens}; min_judge_gap={s.min_judge_gap})")
     if left_out:
         lines = ", ".join(map(str, left_out[:10])) + (", ..." if len(left_out) > 10 else "")
         print(f"left out {len(left_out)}, whose sampled ids no text encodes to: {s.triplets} lines {lines}")

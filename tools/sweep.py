@@ -30,8 +30,9 @@ from harness.configurator import ConfigError, apply_overrides
 DEFAULT_GRID = "loss=dpo,adpo,adpo_split gamma=0.03,0.1,0.3"
 # what a grid cannot vary: a setting that is no preference or evaluation setting (it shapes sft.pt or the
 # triplets, which a sweep reuses, or changes nothing a point computes: the fingerprints' tables say which),
-# and those the points read but the triplets they share were made with
-SHARED_WITH_TRIPLETS = ("seed", "context_turns", "max_new_tokens", "toxic_threshold")
+# and those the points read but the triplets they share were made with (dtype: and their reference log-probs,
+# computed once, in the command's dtype)
+SHARED_WITH_TRIPLETS = ("seed", "context_turns", "max_new_tokens", "toxic_threshold", "dtype")
 FIXED = ({f.name for f in dataclasses.fields(train.Settings)} - {"loss"} - set(artifacts.DEPENDS_ON["pref"])
          - set(artifacts.DEPENDS_ON["eval"])) | set(SHARED_WITH_TRIPLETS)
 LOSS_HYPERPARAMETERS = ("beta", "gamma", "eps")

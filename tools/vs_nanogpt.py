@@ -15,11 +15,11 @@ nanoGPT's MLP uses the exact (erf) GELU, ours GPT-2's tanh approximation: on a C
 slower one (docs/results.md). So a third model is timed beside them: nanoGPT's with GPT-2's GELU (its
 `mlp.gelu` modules replaced), the same function as ours, which isolates what the implementations cost.
 
-A round runs `warmup` untimed steps of each model, then `steps` timed steps of each, taking turns step by step;
-the rounds rotate which model goes first. The machine is shared: a round during which other processes used
-more than --max_load cores (from /proc/stat, Linux) is run again, up to 5 times as many rounds in all. It
-prints each round's tokens/s, and the ratios ours / nanoGPT and ours / nanoGPT-with-tanh-GELU as medians with
-their ranges; every number goes to --out (out/vs_nanogpt.json).
+A round runs `warmup` untimed steps of each model, then `steps` timed steps of each, the models taking turns
+step by step; the rounds rotate which model goes first. The machine is shared: a round during which other
+processes used more than --max_load cores (from /proc/stat, Linux) is run again, up to 5 times as many rounds
+in all. It prints each round's tokens/s, and the ratios ours / nanoGPT and ours / nanoGPT-with-tanh-GELU as
+medians with their ranges; every number goes to --out (out/vs_nanogpt.json).
 """
 
 import contextlib
@@ -76,6 +76,8 @@ def nanogpt_copy(nanogpt, ours, tanh_gelu=False):
             other[name].copy_(w)
     if tanh_gelu:
         for block in theirs.transformer.h:
+            if not isinstance(getattr(block.mlp, "gelu", None), torch.nn.GELU):  # else the swap does nothing
+                raise ConfigError("--nanogpt: its MLP has no `gelu` module to give GPT-2's GELU")
             block.mlp.gelu = torch.nn.GELU(approximate="tanh")
     return theirs.train()
 
@@ -150,7 +152,8 @@ def main(argv):
           f"{', '.join(f'{k} {v:.6f}' for k, v in losses.items())}; {s.rounds} rounds of {s.steps} steps, "
           f"batch {s.batch_size} x {CONFIG['block_size']}")
     with contextlib.redirect_stdout(io.StringIO()):
-        optimizers = {name: m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu") for name, m in models.items()}
+        optimizers = {name: m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+                      for name, m in models.items()}
     proc = os.path.isfile("/proc/stat")
     rounds, redone = [], 0
     while len(rounds) < s.rounds:
@@ -164,12 +167,14 @@ def main(argv):
             print(f"  round run again: other processes used {load:.2f} cores meanwhile", flush=True)
             continue
         rounds.append({"tokens_per_s": speed, "others_load": load})
-        print(f"round {len(rounds)}: tokens/s " + ", ".join(f"{k} {speed[k]:,.0f}" for k in models), flush=True)
+        shown = ", ".join(f"{name} {speed[name]:,.0f}" for name in models)
+        print(f"round {len(rounds)}: tokens/s {shown}", flush=True)
     result = {"rounds": rounds, "rounds_run_again": redone, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "settings": asdict(s), "config": CONFIG}
     for other in ("nanoGPT", "nanoGPT_tanh"):
         ratios = [r["tokens_per_s"]["ours"] / r["tokens_per_s"][other] for r in rounds]
-        result[f"ours_over_{other}"] = {"median": statistics.median(ratios), "range": [min(ratios), max(ratios)]}
+        result[f"ours_over_{other}"] = {"median": statistics.median(ratios),
+                                        "range": [min(ratios), max(ratios)]}
         print(f"SFT step, ours / {other} (tokens/s): median {statistics.median(ratios):.3f}, range "
               f"{min(ratios):.3f} to {max(ratios):.3f} ({len(rounds)} rounds, {redone} run again)")
     os.makedirs(os.path.dirname(s.out) or ".", exist_ok=True)
