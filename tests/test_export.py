@@ -223,13 +223,16 @@ def test_triplets_in_trls_format_encode_to_the_ids_our_trainer_scores(exported, 
         with pytest.raises(UserError, match="max_new_tokens=16, but the triplets' cut replies are 12|lower"):
             export.main([f"--triplets={source}", f"--out={tmp_path / 'x.jsonl'}", f"--checkpoint={path}", wrong])
     gapped = tmp_path / "gap.jsonl"  # the preference stage's selection (train.py --min_judge_gap)
-    rejected_closer = {**triplets[0], "p_rejected": 0.15}
-    source.write_text("".join(json.dumps(t) + "\n" for t in [triplets[0], rejected_closer]))
+    source.write_text("".join(json.dumps(t) + "\n" for t in [triplets[0], {**triplets[5], "p_rejected": 0.15}]))
+    for wrong in ("--max_new_tokens=7", "--max_new_tokens=16"):  # told by line 2's cut reply, left out below
+        with pytest.raises(ConfigError, match="cut replies are 12"):
+            export.main([f"--triplets={source}", f"--out={gapped}", f"--checkpoint={path}", "--min_judge_gap=0.5",
+                         wrong])
+    export.main([f"--triplets={source}", f"--out={gapped}", f"--checkpoint={path}", "--min_judge_gap=0.5"])
+    assert [json.loads(line)["line"] for line in gapped.read_text().splitlines()] == [1]
+    source.write_text(json.dumps(triplets[0]) + "\n")
     with pytest.raises(ConfigError, match="ended by itself"):  # no cut reply tells the prompt room
         export.main([f"--triplets={source}", f"--out={gapped}", f"--checkpoint={path}"])
-    export.main([f"--triplets={source}", f"--out={gapped}", f"--checkpoint={path}", "--min_judge_gap=0.5",
-                 "--max_new_tokens=12"])
-    assert [json.loads(line)["line"] for line in gapped.read_text().splitlines()] == [1]
 
 
 def test_trls_own_preprocessing_gives_our_ids(exported, trl_export, tmp_path):

@@ -167,9 +167,9 @@ def export_triplets(s):
     checkpoint = s.checkpoint or os.path.join(os.path.dirname(s.triplets), "sft.pt")
     lines = [int(where.rsplit(":", 1)[1]) for where, _ in json_lines(s.triplets)]  # blank lines skipped
     triplets = [{**t, "line": n} for t, n in zip(read_triplets(s.triplets), lines)]  # checked line by line
+    max_new_tokens = prompt_room(triplets, s.max_new_tokens)  # from every triplet of the file
     triplets = data.select_triplets(triplets, s.min_judge_gap)  # those the preference stage trains on
     model, tok, _ = load_checkpoint(checkpoint)
-    max_new_tokens = prompt_room(triplets, s.max_new_tokens)
     rows, left_out = trl_rows(triplets, tok, model.config.block_size, max_new_tokens)
     os.makedirs(os.path.dirname(s.out) or ".", exist_ok=True)
     with open(s.out + ".tmp", "w", encoding="utf-8") as f:

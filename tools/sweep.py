@@ -48,9 +48,9 @@ def parse_grid(grid):
         if not sep or not values:
             raise ConfigError(f"--grid: expected key=v1,v2,... got {axis!r}")
         if key in FIXED:
-            raise ConfigError(f"--grid cannot vary {key}: it shapes sft.pt or the triplets, which a sweep "
-                              "reuses, or changes nothing a sweep computes; run train.py once per value "
-                              "instead")
+            raise ConfigError(f"--grid cannot vary {key}: it shapes sft.pt, the triplets or their reference "
+                              "log-probs, which a sweep reuses, or changes nothing a sweep computes; run "
+                              "train.py once per value instead")
         axes[key] = [v for v in values.split(",") if v]
     return axes
 
