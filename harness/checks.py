@@ -118,9 +118,10 @@ def check_settings(s):
 def check_device(device, dtype="float32"):
     """A device torch can use here (cpu, cuda, cuda:N, mps), and a --dtype it computes in: else one line."""
     try:
-        kind, index = torch.device(device).type, torch.device(device).index
+        parsed = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"--device={device}: not a device (cpu, cuda, cuda:N or mps)") from None
+    kind, index = parsed.type, parsed.index
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={device} but CUDA is not available")
     if kind == "cuda" and index is not None and index >= torch.cuda.device_count():

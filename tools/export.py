@@ -179,8 +179,8 @@ def export_triplets(s):
     print(f"wrote {len(rows)} of {len(triplets)} triplets to {s.out} (the tokenizer and block size of "
           f"{checkpoint}; prompts cut for max_new_tokens={max_new_tokens}; min_judge_gap={s.min_judge_gap})")
     if left_out:
-        lines = ", ".join(map(str, left_out[:10])) + (", ..." if len(left_out) > 10 else "")
-        print(f"left out {len(left_out)}, whose sampled ids no text encodes to: {s.triplets} lines {lines}")
+        named = ", ".join(map(str, left_out[:10])) + (", ..." if len(left_out) > 10 else "")
+        print(f"left out {len(left_out)}, whose sampled ids no text encodes to: {s.triplets} lines {named}")
     if cut:
         print(f"{cut} rows have a chosen or rejected reply cut at max_new_tokens (no {EOT}): TRL's "
               f"DPOTrainer appends its eos_token ({EOT}) to them, which our trainer does not score")
